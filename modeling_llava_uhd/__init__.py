@@ -1,0 +1,42 @@
+"""LLaVA-UHD for Hugging Face transformers: any aspect ratio, high-resolution image understanding.
+
+Importing the package registers the classes with the transformers Auto classes. The files in this folder are also
+the Hub bundle: `save_pretrained` copies them, so a saved model loads with `trust_remote_code=True` anywhere.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
+
+from .configuration_llava_uhd import LlavaUhdConfig
+from .image_processing_llava_uhd import LlavaUhdImageProcessor, SliceLayout
+from .modeling_llava_uhd import LlavaUhdForConditionalGeneration, LlavaUhdModel, LlavaUhdPreTrainedModel
+from .processing_llava_uhd import LlavaUhdProcessor
+
+__version__ = "0.1.0"
+
+AutoConfig.register(LlavaUhdConfig.model_type, LlavaUhdConfig, exist_ok=True)
+AutoModel.register(LlavaUhdConfig, LlavaUhdForConditionalGeneration, exist_ok=True)
+AutoModelForImageTextToText.register(LlavaUhdConfig, LlavaUhdForConditionalGeneration, exist_ok=True)
+AutoImageProcessor.register(LlavaUhdConfig, LlavaUhdImageProcessor, exist_ok=True)
+AutoProcessor.register(LlavaUhdConfig, LlavaUhdProcessor, exist_ok=True)
+
+# `save_pretrained` then writes `auto_map` entries and copies these files next to the weights.
+LlavaUhdConfig.register_for_auto_class()
+LlavaUhdForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+LlavaUhdImageProcessor.register_for_auto_class()
+LlavaUhdProcessor.register_for_auto_class()
+
+__all__ = [
+    "LlavaUhdConfig",
+    "LlavaUhdForConditionalGeneration",
+    "LlavaUhdImageProcessor",
+    "LlavaUhdModel",
+    "LlavaUhdPreTrainedModel",
+    "LlavaUhdProcessor",
+    "SliceLayout",
+]

@@ -1,0 +1,95 @@
+"""LLaVA-UHD model configuration."""
+
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# Default queries per crop of each compression module (REFERENCE: release 12x12, paper 8x8).
+DEFAULT_NUM_QUERIES = {"spatial_resampler": 144, "resampler": 64}
+
+# Auto classes of the Hub bundle. `AutoModel` gives the generating model, as MiniCPM-V does.
+AUTO_MAP = {
+    "AutoConfig": "configuration_llava_uhd.LlavaUhdConfig",
+    "AutoModel": "modeling_llava_uhd.LlavaUhdForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_llava_uhd.LlavaUhdForConditionalGeneration",
+}
+
+
+@strict
+class LlavaUhdConfig(PreTrainedConfig):
+    r"""
+    Configuration of a LLaVA-UHD model: a CLIP vision tower run on variable-sized image slices, a resampler that
+    compresses every slice to `num_queries` tokens, and a causal language model.
+
+    Args:
+        vision_config (`dict` or `PreTrainedConfig`, *optional*):
+            CLIP vision config. Defaults to CLIP ViT-L/14-336.
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            Config of any causal language model. Defaults to Llama (Vicuna).
+        image_token_id (`int`, *optional*, defaults to 32000):
+            Id of the `<image>` placeholder token.
+        vision_feature_layer (`int`, *optional*, defaults to -2):
+            Hidden layer of the vision tower whose patch features (CLS dropped) feed the resampler.
+        projector_type (`str`, *optional*, defaults to `"spatial_resampler"`):
+            `"spatial_resampler"`: the released spatially constrained resampler (every query attends to its own
+            RoI-aligned box of the feature map). `"resampler"`: the paper's perceiver resampler (every query attends
+            to the whole map).
+        num_queries (`int`, *optional*):
+            Tokens per crop; a square number. Defaults to 144 (`spatial_resampler`) or 64 (`resampler`).
+        resampler_num_heads (`int`, *optional*):
+            Attention heads of the resampler. Defaults to `text_config.hidden_size // 128`.
+    """
+
+    model_type = "llava_uhd"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="clip_vision_model",
+            init_kwargs={
+                "hidden_size": 1024,
+                "intermediate_size": 4096,
+                "num_hidden_layers": 24,
+                "num_attention_heads": 16,
+                "patch_size": 14,
+                "image_size": 336,
+                "projection_dim": 768,
+            },
+        ),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    image_token_id: int = 32000
+    vision_feature_layer: int = -2
+    projector_type: Literal["spatial_resampler", "resampler"] = "spatial_resampler"
+    num_queries: int | None = None
+    resampler_num_heads: int | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.projector_type not in DEFAULT_NUM_QUERIES:
+            raise ValueError(
+                f"`projector_type` must be one of {sorted(DEFAULT_NUM_QUERIES)}, got {self.projector_type!r}."
+            )
+        if self.num_queries is None:
+            self.num_queries = DEFAULT_NUM_QUERIES[self.projector_type]
+        grid = round(self.num_queries**0.5)
+        if grid * grid != self.num_queries:
+            raise ValueError(f"`num_queries` must be a square number (a grid of queries), got {self.num_queries}.")
+        hidden_size = self.text_config.hidden_size
+        if self.resampler_num_heads is None:
+            self.resampler_num_heads = max(hidden_size // 128, 1)
+        if hidden_size % self.resampler_num_heads:
+            raise ValueError(
+                f"`resampler_num_heads` ({self.resampler_num_heads}) must divide the text hidden size ({hidden_size})."
+            )
+        if hidden_size % 4:
+            raise ValueError(f"The text hidden size must be a multiple of 4 for the 2-D sin-cos table, got {hidden_size}.")
+        self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
+
+
+__all__ = ["LlavaUhdConfig"]

@@ -1,0 +1,324 @@
+"""Image processor for LLaVA-UHD: aspect-ratio-aware slicing into variable-sized crops plus an overview."""
+
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.utils import TensorType
+
+ImageLike = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
+
+# PIL modes holding more than 8 bits per pixel: scaled to 8 bits instead of clipped by `convert("RGB")`.
+_WIDE_MODES = {"I;16": 257.0, "I;16L": 257.0, "I;16B": 257.0, "I;16N": 257.0, "I": 257.0, "F": 1.0}
+
+
+@dataclass(frozen=True)
+class SliceLayout:
+    """How one image is cut into crops. All sizes are `(height, width)` in pixels.
+
+    Attributes:
+        image_size: size of the image that is sliced (after the optional long-side pre-resize).
+        overview_size: size of the low-resolution overview crop.
+        grid: `(rows, cols)` of slices, or `None` when the image is not sliced.
+        slice_size: size of every slice, or `None` when the image is not sliced.
+    """
+
+    image_size: tuple[int, int]
+    overview_size: tuple[int, int]
+    grid: tuple[int, int] | None
+    slice_size: tuple[int, int] | None
+
+    @property
+    def num_slices(self) -> int:
+        return 0 if self.grid is None else self.grid[0] * self.grid[1]
+
+    @property
+    def num_crops(self) -> int:
+        return self.num_slices + 1
+
+
+def _fit_to_multiple(length: float, multiple: int) -> int:
+    """Floor `length` to a multiple of `multiple`, at least `multiple` (the reference's `ensure_divide`)."""
+    return max(math.floor(length / multiple) * multiple, multiple)
+
+
+def _best_resize(width: float, height: float, scale: int, patch: int, upscale: bool) -> tuple[int, int]:
+    """Size `(width, height)` of about `scale**2` pixels keeping the aspect ratio, in multiples of `patch`."""
+    if width * height > scale * scale or upscale:
+        ratio = width / height
+        height = int(scale / math.sqrt(ratio))
+        width = int(height * ratio)
+    return _fit_to_multiple(width, patch), _fit_to_multiple(height, patch)
+
+
+def _best_grid(width: int, height: int, multiple: int, max_slice_nums: int) -> tuple[int, int]:
+    """`(cols, rows)` whose aspect ratio is closest to the image's, among `multiple - 1 .. multiple + 1` slices."""
+    log_ratio = math.log(width / height)
+    best, min_error = (1, 1), float("inf")
+    for count in (multiple - 1, multiple, multiple + 1):
+        if count == 1 or count > max_slice_nums:
+            continue
+        for cols in range(1, count + 1):
+            if count % cols:
+                continue
+            # Exactly the reference's float expression: ties are broken by its last-bit rounding.
+            error = abs(log_ratio - math.log(cols / (count // cols)))
+            if error < min_error:
+                best, min_error = (cols, count // cols), error
+    return best
+
+
+def _pre_resize_size(width: int, height: int, max_size: int) -> tuple[int, int]:
+    """The reference evaluation's long-side resize to `max_size` (a side never drops below 1 pixel)."""
+    if width > height:
+        return max_size, max(int((max_size / width) * height), 1)
+    return max(int((max_size / height) * width), 1), max_size
+
+
+@lru_cache(maxsize=8)
+def _normalization_table(rescale_factor: float, mean: tuple, std: tuple) -> np.ndarray:
+    """`[3, 256]` float32 table of `(value * rescale_factor - mean) / std` with CLIP's float32 arithmetic."""
+    values = (np.arange(256, dtype=np.float64) * rescale_factor).astype(np.float32)
+    mean = np.asarray(mean, dtype=np.float32)[:, None]
+    std = np.asarray(std, dtype=np.float32)[:, None]
+    return (values[None, :] - mean) / std
+
+
+def _to_patches(array: np.ndarray, rows: int, cols: int, patch: int) -> np.ndarray:
+    """Cut an `[H, W, 3]` image into `rows x cols` tiles and each tile into `patch x patch` patches.
+
+    Returns `[rows * cols * patches_per_tile, 3, patch * patch]`: tiles row-major, patches row-major within a tile,
+    each patch channel-first (the layout of a `Conv2d` weight).
+    """
+    height, width, channels = array.shape
+    ph, pw = height // rows // patch, width // cols // patch
+    array = array.reshape(rows, ph, patch, cols, pw, patch, channels)
+    return array.transpose(0, 3, 1, 4, 6, 2, 5).reshape(-1, channels, patch * patch)
+
+
+class LlavaUhdImageProcessor(BaseImageProcessor):
+    r"""
+    LLaVA-UHD image processor. Every image is (optionally) resized so its long side is `max_image_size`, then cut
+    into at most `max_slice_nums` slices whose grid best fits its aspect ratio, each of about
+    `scale_resolution**2` pixels in multiples of `patch_size`, plus a low-resolution overview. Resizing is PIL
+    bicubic, normalisation is CLIP's, exactly as in the reference implementation.
+
+    Outputs are packed: `pixel_values` holds the `patch_size x patch_size` patches of every crop of every image
+    (slices row-major, then the overview), `image_grid_hw` the patch grid of each crop and `slice_grid` the slice
+    grid of each image, so batching is concatenation and nothing is padded.
+
+    Args:
+        max_slice_nums (`int`, *optional*, defaults to 7):
+            Most slices per image. 1 disables slicing (overview only).
+        scale_resolution (`int`, *optional*, defaults to 336):
+            Side of the square whose area every crop approximates.
+        patch_size (`int`, *optional*, defaults to 14):
+            Vision patch size; crop sides are multiples of it.
+        max_image_size (`int` or `None`, *optional*, defaults to 1024):
+            Long side every image is resized to (up or down) before slicing, as in the reference evaluation.
+            `None` slices the image at its own size.
+        rescale_factor (`float`, *optional*, defaults to `1 / 255`):
+            Scale applied to 8-bit pixel values.
+        image_mean (`tuple[float]`, *optional*, defaults to CLIP's mean):
+            Per-channel normalisation mean.
+        image_std (`tuple[float]`, *optional*, defaults to CLIP's std):
+            Per-channel normalisation std.
+    """
+
+    model_input_names = ["pixel_values", "image_grid_hw", "slice_grid"]
+    max_slice_nums = 7
+    scale_resolution = 336
+    patch_size = 14
+    max_image_size = 1024
+    rescale_factor = 1 / 255
+    image_mean = tuple(OPENAI_CLIP_MEAN)
+    image_std = tuple(OPENAI_CLIP_STD)
+
+    def __init__(
+        self,
+        max_slice_nums: int = 7,
+        scale_resolution: int = 336,
+        patch_size: int = 14,
+        max_image_size: int | None = 1024,
+        rescale_factor: float = 1 / 255,
+        image_mean: tuple[float, float, float] = tuple(OPENAI_CLIP_MEAN),
+        image_std: tuple[float, float, float] = tuple(OPENAI_CLIP_STD),
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        _check_positive_int("max_slice_nums", max_slice_nums)
+        _check_positive_int("scale_resolution", scale_resolution)
+        _check_positive_int("patch_size", patch_size)
+        if max_image_size is not None:
+            _check_positive_int("max_image_size", max_image_size)
+        self.max_slice_nums = max_slice_nums
+        self.scale_resolution = scale_resolution
+        self.patch_size = patch_size
+        self.max_image_size = max_image_size
+        self.rescale_factor = rescale_factor
+        self.image_mean = tuple(image_mean)
+        self.image_std = tuple(image_std)
+
+    def get_slice_layout(self, height: int, width: int, max_slice_nums: int | None = None) -> SliceLayout:
+        """Layout of an image of `height x width` pixels (its size before the pre-resize, which is applied here)."""
+        _check_positive_int("height", height)
+        _check_positive_int("width", width)
+        max_slice_nums = self.max_slice_nums if max_slice_nums is None else max_slice_nums
+        _check_positive_int("max_slice_nums", max_slice_nums)
+        if self.max_image_size is not None:
+            width, height = _pre_resize_size(width, height, self.max_image_size)
+        scale, patch = self.scale_resolution, self.patch_size
+
+        multiple = min(math.ceil(width * height / (scale * scale)), max_slice_nums)
+        if multiple <= 1:
+            overview_w, overview_h = _best_resize(width, height, scale, patch, upscale=True)
+            return SliceLayout((height, width), (overview_h, overview_w), None, None)
+
+        overview_w, overview_h = _best_resize(width, height, scale, patch, upscale=False)
+        cols, rows = _best_grid(width, height, multiple, max_slice_nums)
+        slice_w, slice_h = _best_resize(
+            _fit_to_multiple(width, cols) / cols, _fit_to_multiple(height, rows) / rows, scale, patch, upscale=True
+        )
+        return SliceLayout((height, width), (overview_h, overview_w), (rows, cols), (slice_h, slice_w))
+
+    def preprocess(
+        self,
+        images: ImageLike | list[ImageLike] | list[list[ImageLike]],
+        max_slice_nums: int | None = None,
+        return_tensors: str | TensorType | None = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        """Slice, resize, normalise and pack one image or a (nested) list of images.
+
+        Args:
+            images: PIL images, `uint8`/float (in [0, 1]) arrays or tensors (HWC or CHW), or local paths / URLs.
+            max_slice_nums: overrides the processor's `max_slice_nums` for this call (a token budget).
+            return_tensors: only `"pt"` (or `None`, which also gives torch tensors) is supported.
+
+        Returns:
+            `BatchFeature` with `pixel_values` `[total_patches, 3 * patch_size**2]` (float32), `image_grid_hw`
+            `[total_crops, 2]` and `slice_grid` `[num_images, 2]` (rows, cols; `(0, 0)` when not sliced).
+        """
+        if kwargs:
+            raise TypeError(f"Unexpected arguments for LlavaUhdImageProcessor: {sorted(kwargs)}.")
+        if return_tensors not in (None, "pt", TensorType.PYTORCH):
+            raise ValueError(f"`return_tensors` must be 'pt' or None, got {return_tensors!r}.")
+        patch = self.patch_size
+        patches, grid_hw, slice_grid = [], [], []
+        for index, image in enumerate(_flatten_images(images)):
+            image = _to_rgb(image, index)
+            layout = self.get_slice_layout(image.height, image.width, max_slice_nums)
+            height, width = layout.image_size
+            if image.size != (width, height):
+                image = image.resize((width, height), Image.Resampling.BICUBIC)
+            if layout.grid is not None:
+                (rows, cols), (slice_h, slice_w) = layout.grid, layout.slice_size
+                refined = image.resize((slice_w * cols, slice_h * rows), Image.Resampling.BICUBIC)
+                patches.append(_to_patches(np.asarray(refined), rows, cols, patch))
+                grid_hw += [(slice_h // patch, slice_w // patch)] * (rows * cols)
+                slice_grid.append((rows, cols))
+            else:
+                slice_grid.append((0, 0))
+            overview_h, overview_w = layout.overview_size
+            overview = image.resize((overview_w, overview_h), Image.Resampling.BICUBIC)
+            patches.append(_to_patches(np.asarray(overview), 1, 1, patch))
+            grid_hw.append((overview_h // patch, overview_w // patch))
+
+        table = _normalization_table(float(self.rescale_factor), tuple(self.image_mean), tuple(self.image_std))
+        if patches:
+            packed = np.concatenate(patches)
+            pixel_values = table[np.arange(3)[None, :, None], packed].reshape(len(packed), -1)
+        else:
+            pixel_values = np.zeros((0, 3 * patch * patch), dtype=np.float32)
+        return BatchFeature(
+            data={
+                "pixel_values": torch.from_numpy(pixel_values),
+                "image_grid_hw": torch.tensor(grid_hw, dtype=torch.long).reshape(-1, 2),
+                "slice_grid": torch.tensor(slice_grid, dtype=torch.long).reshape(-1, 2),
+            }
+        )
+
+    def __call__(self, images, **kwargs) -> BatchFeature:
+        return self.preprocess(images, **kwargs)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+def _flatten_images(images) -> list:
+    if isinstance(images, (list, tuple)):
+        return [image for item in images for image in _flatten_images(item)]
+    return [images]
+
+
+def _to_rgb(image: ImageLike, index: int) -> Image.Image:
+    """Any supported image input as an RGB PIL image, with an error that names `images[index]`."""
+    name = f"images[{index}]"
+    if isinstance(image, (str, os.PathLike)):
+        image = _open_image(os.fspath(image), name)
+    elif isinstance(image, torch.Tensor):
+        image = _array_to_pil(image.detach().cpu().numpy(), name)
+    elif isinstance(image, np.ndarray):
+        image = _array_to_pil(image, name)
+    elif not isinstance(image, Image.Image):
+        raise TypeError(
+            f"{name} must be a PIL image, a numpy array, a torch tensor or a path, got {type(image).__name__}."
+        )
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"{name} could not be decoded (corrupt or truncated image data): {error}") from error
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"{name} is empty: {image.width}x{image.height} pixels.")
+    if image.mode in _WIDE_MODES:
+        scaled = np.asarray(image, dtype=np.float64) / _WIDE_MODES[image.mode]
+        image = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _open_image(source: str, name: str) -> Image.Image:
+    if source.startswith(("http://", "https://")):
+        from transformers.image_utils import load_image
+
+        return load_image(source)
+    try:
+        return Image.open(source)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{name}: no image file at {source!r}.") from error
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
+        raise ValueError(f"{name}: {source!r} is not a readable image: {error}") from error
+
+
+def _array_to_pil(array: np.ndarray, name: str) -> Image.Image:
+    """`[H, W]`, `[H, W, C]` or `[C, H, W]` arrays (C in 1, 3, 4): uint8, uint16, bool, or floats in [0, 1]."""
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = array.transpose(1, 2, 0)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(f"{name} must be an array of shape (H, W), (H, W, C) or (C, H, W), got {array.shape}.")
+    if array.size == 0:
+        raise ValueError(f"{name} is empty: shape {array.shape}.")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype == np.uint16:
+        array = np.rint(array / 257.0).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        low, high = float(np.nanmin(array)), float(np.nanmax(array))
+        if np.isnan(array).any() or low < 0.0 or high > 1.0:
+            raise ValueError(f"{name} is a float array; expected values in [0, 1], got range [{low}, {high}].")
+        array = np.rint(array * 255.0).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise ValueError(f"{name} has dtype {array.dtype}; expected uint8, uint16, bool or float in [0, 1].")
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+__all__ = ["LlavaUhdImageProcessor", "SliceLayout"]

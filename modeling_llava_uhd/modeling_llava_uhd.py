@@ -1,0 +1,403 @@
+"""PyTorch LLaVA-UHD: CLIP on variable-sized image slices, a compressing resampler, and a causal language model."""
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MultimodalBaseModelOutputWithPast,
+    MultimodalCausalLMOutputWithPast,
+)
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_llava_uhd import LlavaUhdConfig
+
+# Pooling grids (width, height) of the spatial resampler's boxes, in the reference's order of preference.
+POOLING_SIZES = ((4, 2), (3, 2), (4, 3), (3, 3), (2, 4), (2, 3), (3, 4))
+
+
+def sincos_position_table(embed_dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos table `[grid_size**2, embed_dim]`, rows row-major over the grid (MAE's layout: the first
+    half of the channels encodes the column index, the second the row index; float32 numpy arithmetic)."""
+    omega = 1.0 / 10000 ** (np.arange(embed_dim // 4, dtype=np.float32) / np.float32(embed_dim / 2.0))
+    cols, rows = np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32))
+    halves = []
+    for coords in (cols.reshape(-1), rows.reshape(-1)):
+        angles = np.einsum("m,d->md", coords, omega)
+        halves += [np.sin(angles), np.cos(angles)]
+    return torch.from_numpy(np.concatenate(halves, axis=1).astype(np.float32))
+
+
+def resize_position_table(table: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bicubically resize a square `[n * n, dim]` table to `[height * width, dim]` (align_corners=False), in float32."""
+    size = math.isqrt(table.shape[0])
+    grid = table.float().reshape(1, size, size, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(height * width, -1).to(table.dtype)
+
+
+def _bilinear_axis_weights(coords: torch.Tensor, length: int) -> torch.Tensor:
+    """`[..., length]` weights of bilinear sampling at `coords` on one axis, with torchvision's RoIAlign border rules."""
+    valid = (coords >= -1.0) & (coords <= length)
+    coords = coords.clamp(min=0.0)
+    low = coords.floor().long()
+    at_edge = low >= length - 1
+    low = torch.where(at_edge, torch.full_like(low, length - 1), low)
+    high = torch.where(at_edge, low, low + 1)
+    frac = torch.where(at_edge, torch.zeros_like(coords), coords - low.float())
+    weights = F.one_hot(low, length).float() * (1.0 - frac)[..., None] + F.one_hot(high, length).float() * frac[..., None]
+    return weights * valid[..., None]
+
+
+def roi_align_matrix(boxes: torch.Tensor, height: int, width: int, pooled_h: int, pooled_w: int) -> torch.Tensor:
+    """RoIAlign as a linear map: `[num_boxes * pooled_h * pooled_w, height * width]` such that multiplying a flattened
+    `[height * width, C]` feature map by it gives `torchvision.ops.roi_align(..., (pooled_h, pooled_w),
+    spatial_scale=1, sampling_ratio=-1, aligned=False)` for `boxes` `[num_boxes, 4]` (x1, y1, x2, y2), rows ordered
+    (box, pooled row, pooled column). Bilinear sampling is separable, so each bin is an outer product."""
+    boxes = boxes.float()
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    roi_w, roi_h = (x2 - x1).clamp(min=1.0), (y2 - y1).clamp(min=1.0)
+
+    def axis(start, extent, pooled, length):
+        bin_size = extent / pooled
+        samples = torch.ceil(extent / pooled).long().clamp(min=1)  # adaptive sampling ratio
+        steps = torch.arange(int(samples.max()), dtype=torch.float32)
+        bins = torch.arange(pooled, dtype=torch.float32)
+        coords = (start[:, None, None] + bins[None, :, None] * bin_size[:, None, None]) + (
+            (steps + 0.5)[None, None, :] * bin_size[:, None, None] / samples[:, None, None].float()
+        )
+        used = steps[None, :] < samples[:, None]  # [boxes, steps]
+        weights = _bilinear_axis_weights(coords, length) * used[:, None, :, None]
+        return weights.sum(2), samples  # [boxes, pooled, length]
+
+    rows, samples_h = axis(y1, roi_h, pooled_h, height)
+    cols, samples_w = axis(x1, roi_w, pooled_w, width)
+    matrix = torch.einsum("kpy,kqx->kpqyx", rows, cols) / (samples_h * samples_w).float()[:, None, None, None, None]
+    return matrix.reshape(-1, height * width)
+
+
+def window_boxes(height: int, width: int, num_windows: int) -> torch.Tensor:
+    """The reference's `grid x grid` windows over an `height x width` map, `[num_windows, 4]` (x1, y1, x2, y2), with
+    its exact float arithmetic (window height derived through the aspect ratio, `x2 = x1 + window width`)."""
+    grid = math.isqrt(num_windows)
+    aspect = width / height
+    box_h = math.sqrt((height * width / num_windows) / aspect)
+    box_w = box_h * aspect
+    coords = [[j * box_w, i * box_h, j * box_w + box_w, i * box_h + box_h] for i in range(grid) for j in range(grid)]
+    return torch.tensor(coords, dtype=torch.float32)
+
+
+def best_pooling_size(height: int, width: int) -> tuple[int, int]:
+    """`(rows, cols)` each box is pooled to: the candidate whose aspect ratio is closest to the feature map's."""
+    log_ratio = math.log(width / height)
+    best, min_error = (3, 3), float("inf")
+    for cols, rows in POOLING_SIZES:
+        error = abs(log_ratio - math.log(cols / rows))
+        if error < min_error:
+            best, min_error = (rows, cols), error
+    return best
+
+
+class LlavaUhdResampler(nn.Module):
+    """Compresses the `h x w` feature map of a crop into `num_queries` tokens with one cross-attention layer.
+
+    `spatial_resampler` (release): query k attends only to the RoI-aligned features of window k of a
+    `sqrt(num_queries)`-square grid of windows over the map. `resampler` (paper): every query attends to the whole
+    map. Keys carry the fixed sin-cos table resized to `h x w`; queries carry it at the query grid.
+    """
+
+    def __init__(self, config: LlavaUhdConfig):
+        super().__init__()
+        embed_dim, kv_dim = config.text_config.hidden_size, config.vision_config.hidden_size
+        self.num_queries = config.num_queries
+        self.spatial = config.projector_type == "spatial_resampler"
+        self.query = nn.Parameter(torch.empty(self.num_queries, embed_dim))
+        self.register_buffer("pos_embed", torch.empty(self.num_queries, embed_dim))
+        self.kv_proj = nn.Linear(kv_dim, embed_dim, bias=False) if kv_dim != embed_dim else nn.Identity()
+        self.attn = nn.MultiheadAttention(embed_dim, config.resampler_num_heads)
+        self.ln_q = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.ln_kv = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.ln_post = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.proj = nn.Parameter(torch.empty(embed_dim, embed_dim))
+        self._cache = {}
+
+    def _cached(self, kind: str, height: int, width: int, dtype: torch.dtype, build) -> torch.Tensor:
+        """Shape-dependent constants, rebuilt when `pos_embed` changes (a load) or on another device or dtype."""
+        key = (kind, height, width, dtype, self.pos_embed.device, self.pos_embed.data_ptr(), self.pos_embed._version)
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def _window_pooling(self, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        def build():
+            # The reference casts the boxes to the features' dtype before RoIAlign: keep that rounding.
+            boxes = window_boxes(height, width, self.num_queries).to(dtype).float()
+            matrix = roi_align_matrix(boxes, height, width, *best_pooling_size(height, width))
+            return matrix.to(self.pos_embed.device)
+
+        return self._cached("pool", height, width, dtype, build)
+
+    def forward(self, features: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """`features` `[crops, height * width, kv_dim]` of same-shape crops -> `[crops, num_queries, embed_dim]`."""
+        crops, dtype = features.shape[0], features.dtype
+        key_pos = self._cached(
+            "pos", height, width, dtype, lambda: resize_position_table(self.pos_embed, height, width).to(dtype)
+        )
+        values = self.ln_kv(self.kv_proj(features))
+        keys = values + key_pos
+        queries = self.ln_q(self.query) + self.pos_embed.to(dtype)
+        if self.spatial:
+            pooling = self._window_pooling(height, width, dtype)
+            keys = (pooling @ keys.float()).to(dtype).reshape(crops * self.num_queries, -1, keys.shape[-1])
+            values = (pooling @ values.float()).to(dtype).reshape(crops * self.num_queries, -1, values.shape[-1])
+            queries = queries.repeat(crops, 1)[None]  # one query per (crop, window)
+        else:
+            queries = queries[:, None].expand(-1, crops, -1)
+        out = self.attn(queries, keys.transpose(0, 1), values.transpose(0, 1), need_weights=False)[0]
+        out = out.reshape(crops, self.num_queries, -1) if self.spatial else out.transpose(0, 1)
+        return self.ln_post(out) @ self.proj
+
+
+class LlavaUhdPreTrainedModel(PreTrainedModel):
+    config: LlavaUhdConfig
+    config_class = LlavaUhdConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlavaUhdResampler"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, LlavaUhdResampler):
+            embed_dim = module.query.shape[-1]
+            init.trunc_normal_(module.query, std=0.02)
+            init.copy_(module.pos_embed, sincos_position_table(embed_dim, math.isqrt(module.num_queries)))
+            init.normal_(module.proj, std=embed_dim**-0.5)
+
+
+class LlavaUhdModel(LlavaUhdPreTrainedModel):
+    """LLaVA-UHD without a language modeling head: vision tower, resampler and language model."""
+
+    def __init__(self, config: LlavaUhdConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.resampler = LlavaUhdResampler(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_grid_hw: torch.Tensor,
+        slice_grid: torch.Tensor,
+        vision_feature_layer: int | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """Encode packed crops (see `LlavaUhdImageProcessor`) into `num_queries` tokens per crop.
+
+        Crops are grouped by patch grid: one vision-tower call (and one position-embedding interpolation) per distinct
+        shape. Returns `pooler_output`: one `[crops_of_image * num_queries, hidden]` tensor per image, crops in
+        schema order (slices row-major, then the overview).
+        """
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        grid_hw = image_grid_hw.tolist()
+        patch = self.config.vision_config.patch_size
+        crop_lengths = [h * w for h, w in grid_hw]
+        if sum(crop_lengths) != pixel_values.shape[0]:
+            raise ValueError(
+                f"`pixel_values` has {pixel_values.shape[0]} patches but `image_grid_hw` describes {sum(crop_lengths)}."
+            )
+        crops = pixel_values.to(self.vision_tower.dtype).split(crop_lengths)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, shape in enumerate(grid_hw):
+            groups.setdefault(tuple(shape), []).append(index)
+
+        tokens = None
+        for (height, width), indices in groups.items():
+            images = torch.stack([crops[i] for i in indices]).view(len(indices), height, width, 3, patch, patch)
+            images = images.permute(0, 3, 1, 4, 2, 5).reshape(len(indices), 3, height * patch, width * patch)
+            hidden = self.vision_tower(
+                pixel_values=images, interpolate_pos_encoding=True, output_hidden_states=True
+            ).hidden_states[layer][:, 1:]
+            compressed = self.resampler(hidden, height, width)
+            if tokens is None:
+                tokens = compressed.new_empty(len(grid_hw), *compressed.shape[1:])
+            tokens[indices] = compressed
+
+        crops_per_image = [rows * cols + 1 for rows, cols in slice_grid.tolist()]
+        if sum(crops_per_image) != len(grid_hw):
+            raise ValueError(
+                f"`slice_grid` describes {sum(crops_per_image)} crops but `image_grid_hw` has {len(grid_hw)}."
+            )
+        per_image = [t.flatten(0, 1) for t in tokens.split(crops_per_image)] if tokens is not None else []
+        return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=per_image)
+
+    def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Boolean `[batch, seq]` mask of the `<image>` positions (from ids, or from embeddings when ids are absent)."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_embed = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embed).all(-1)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_hw: torch.LongTensor | None = None,
+        slice_grid: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        **kwargs,
+    ) -> MultimodalBaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        if pixel_values is not None and mm_encoder_outputs is not None:
+            raise ValueError("Pass either `pixel_values` or pre-computed `mm_encoder_outputs`, not both.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_outputs = (mm_encoder_outputs or {}).get("image")
+        if image_outputs is None and pixel_values is not None:
+            if image_grid_hw is None or slice_grid is None:
+                raise ValueError("`pixel_values` needs the `image_grid_hw` and `slice_grid` of the image processor.")
+            image_outputs = self.get_image_features(pixel_values, image_grid_hw, slice_grid, return_dict=True)
+
+        mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+        num_features = sum(len(t) for t in image_outputs.pooler_output) if image_outputs is not None else 0
+        num_tokens = int(mask.sum())
+        if num_tokens != num_features:
+            raise ValueError(
+                f"Image features and image tokens do not match: the input has {num_tokens} `<image>` token(s) but the "
+                f"images give {num_features} feature(s) ({self.config.num_queries} per crop). Build inputs with "
+                "LlavaUhdProcessor, and check its `num_queries` equals the model's."
+            )
+        if num_features:
+            features = torch.cat(image_outputs.pooler_output).to(inputs_embeds.device, inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(mask[..., None].to(inputs_embeds.device), features)
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        return MultimodalBaseModelOutputWithPast(**outputs, image_outputs=image_outputs)
+
+
+class LlavaUhdForConditionalGeneration(LlavaUhdPreTrainedModel, GenerationMixin):
+    """LLaVA-UHD with a language modeling head: answers about images of any aspect ratio and resolution."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: LlavaUhdConfig):
+        super().__init__(config)
+        self.model = LlavaUhdModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, image_grid_hw: torch.Tensor, slice_grid: torch.Tensor, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """See [`LlavaUhdModel.get_image_features`]."""
+        return self.model.get_image_features(pixel_values, image_grid_hw, slice_grid, **kwargs)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_hw: torch.LongTensor | None = None,
+        slice_grid: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        **kwargs,
+    ) -> MultimodalCausalLMOutputWithPast:
+        r"""
+        pixel_values, image_grid_hw, slice_grid: packed crops from [`LlavaUhdImageProcessor`].
+        labels: token ids for the causal LM loss; -100 is ignored.
+
+        Example:
+
+        ```python
+        >>> from transformers import AutoModelForImageTextToText, AutoProcessor
+        >>> model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True)
+        >>> processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
+        >>> messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is written?"}]}]
+        >>> prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        >>> inputs = processor(images=image, text=prompt, return_tensors="pt")
+        >>> answer = model.generate(**inputs, max_new_tokens=32)
+        ```
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_grid_hw=image_grid_hw,
+            slice_grid=slice_grid,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return MultimodalCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
+        )
+
+
+__all__ = ["LlavaUhdForConditionalGeneration", "LlavaUhdModel", "LlavaUhdPreTrainedModel", "LlavaUhdResampler"]

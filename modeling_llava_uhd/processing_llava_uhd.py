@@ -1,0 +1,248 @@
+"""Processor for LLaVA-UHD: tokenizer + image processor + Vicuna v1 chat template."""
+
+import torch
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+# Vicuna v1 (LLaVA-1.5) conversation format. `{% generation %}` marks what the assistant says, so
+# `return_assistant_tokens_mask` (and TRL's `assistant_only_loss`) covers exactly the answers and their `</s>`.
+CHAT_TEMPLATE = (
+    "{%- set system = \"A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.\" -%}"
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{ content }}"
+    "{%- else -%}{%- for item in content -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<image>\\n' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = render(messages[0]['content']) -%}{%- set messages = messages[1:] -%}"
+    "{%- endif -%}"
+    "{{ system + ' ' }}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{ 'USER: ' + render(message['content']) + ' ' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ 'ASSISTANT:' }}"
+    "{%- generation -%}{{ ' ' + render(message['content']) + '</s>' }}{%- endgeneration -%}"
+    "{%- else -%}{{ raise_exception('Roles must be system (first), user or assistant, got ' + message['role']) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+)
+
+
+class LlavaUhdProcessor(ProcessorMixin):
+    r"""
+    LLaVA-UHD processor: slices images with [`LlavaUhdImageProcessor`] and expands every `<image>` of the text into
+    the spatial schema, token ids in place: for each row of slices, each slice's `num_queries` image tokens followed
+    by `slice_separator_id` (between the slices of a row) or `row_separator_id` (after a row's last slice), then the
+    overview's `num_queries` image tokens. Separators are inserted as ids, never re-tokenized, as in the reference.
+
+    Args:
+        image_processor ([`LlavaUhdImageProcessor`]): the image processor.
+        tokenizer: a tokenizer that has the `image_token` as a special token.
+        chat_template (`str`, *optional*): defaults to the Vicuna v1 template.
+        image_token (`str`, *optional*, defaults to `"<image>"`): the image placeholder token.
+        num_queries (`int`, *optional*, defaults to 144): tokens per crop (the model's `num_queries`).
+        slice_separator_id (`int`, *optional*): id between slices of a row (`,`; 29892 for Vicuna). Defaults to the
+            tokenizer's id of `,` after a word.
+        row_separator_id (`int`, *optional*): id after each row of slices (`\n`; 13 for Vicuna). Defaults to the
+            tokenizer's id of `\n` after a word.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template: str | None = None,
+        image_token: str = "<image>",
+        num_queries: int = 144,
+        slice_separator_id: int | None = None,
+        row_separator_id: int | None = None,
+        **kwargs,
+    ):
+        if tokenizer is None or image_processor is None:
+            raise ValueError("LlavaUhdProcessor needs both an `image_processor` and a `tokenizer`.")
+        image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        if image_token_id is None or image_token_id == tokenizer.unk_token_id:
+            raise ValueError(
+                f"The tokenizer has no {image_token!r} token. Add it first: "
+                f"`tokenizer.add_special_tokens({{'additional_special_tokens': [{image_token!r}]}})`."
+            )
+        self.image_token = image_token
+        self.image_token_id = image_token_id
+        self.num_queries = num_queries
+        self.slice_separator_id = _char_id(tokenizer, ",") if slice_separator_id is None else slice_separator_id
+        self.row_separator_id = _char_id(tokenizer, "\n") if row_separator_id is None else row_separator_id
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
+
+    def image_token_ids(self, rows: int, cols: int) -> list[int]:
+        """Token ids one image stands for in the sequence: its schema for a `rows x cols` slice grid (0 x 0: unsliced)."""
+        crop = [self.image_token_id] * self.num_queries
+        ids = []
+        for _ in range(rows):
+            for col in range(cols):
+                ids += crop + [self.slice_separator_id if col < cols - 1 else self.row_separator_id]
+        return ids + crop
+
+    def __call__(
+        self,
+        images=None,
+        text: str | list[str] | None = None,
+        padding: bool | str = False,
+        truncation: bool | None = None,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_tensors: str | None = None,
+        add_special_tokens: bool = True,
+        return_offsets_mapping: bool = False,
+        return_text_replacement_offsets: bool = False,
+        max_slice_nums: int | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        """Tokenize `text`, slice `images` and expand each `<image>` of the text into its schema tokens.
+
+        Images are matched to `<image>` placeholders in order: either a flat list over the whole batch, or one list per
+        text. `truncation` with `max_length` refuses to cut through an image's tokens. Unknown keyword arguments go to
+        the tokenizer.
+
+        Returns:
+            `BatchFeature` with `input_ids`, `attention_mask` and, when there are images, `pixel_values`,
+            `image_grid_hw` and `slice_grid` (see [`LlavaUhdImageProcessor`]).
+        """
+        if text is None:
+            raise ValueError("`text` is required: a prompt (or list of prompts) with one `<image>` per image.")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("`text` must be a string or a list of strings.")
+        encoded = self.tokenizer(
+            texts,
+            add_special_tokens=add_special_tokens,
+            return_offsets_mapping=return_offsets_mapping,
+            return_attention_mask=False,
+            **kwargs,
+        )
+        counts = [ids.count(self.image_token_id) for ids in encoded["input_ids"]]
+        flat_images = [image for group in self._assign_images(images, counts) for image in group]
+        data, grids = {}, []
+        if flat_images:
+            image_inputs = self.image_processor(flat_images, max_slice_nums=max_slice_nums)
+            data.update(image_inputs)
+            grids = image_inputs["slice_grid"].tolist()
+
+        input_ids, offsets = [], []
+        image_index = 0
+        for sample, ids in enumerate(encoded["input_ids"]):
+            sample_ids, sample_offsets = [], []
+            sample_map = encoded["offset_mapping"][sample] if return_offsets_mapping else [(0, 0)] * len(ids)
+            for token, offset in zip(ids, sample_map):
+                if token == self.image_token_id:
+                    expanded = self.image_token_ids(*grids[image_index])
+                    image_index += 1
+                    sample_ids += expanded
+                    sample_offsets += [(0, 0)] * len(expanded)
+                else:
+                    sample_ids.append(token)
+                    sample_offsets.append(tuple(offset))
+            if truncation and max_length is not None and len(sample_ids) > max_length:
+                sample_ids, sample_offsets = self._truncate(sample, sample_ids, sample_offsets, max_length)
+            input_ids.append(sample_ids)
+            offsets.append(sample_offsets)
+
+        data.update(self._pad(input_ids, offsets, padding, max_length, pad_to_multiple_of, padding_side))
+        if not return_offsets_mapping:
+            data.pop("offset_mapping")
+        if return_text_replacement_offsets:
+            # Offsets already refer to the text as written: expansion happens on ids, no characters move.
+            data["text_replacement_offsets"] = [[] for _ in texts]
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _assign_images(self, images, counts: list[int]) -> list[list]:
+        """Group images per text, checking them against the number of `<image>` placeholders of each text."""
+        if images is None:
+            images = []
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        nested = len(images) == len(counts) and all(isinstance(group, (list, tuple)) for group in images) and images
+        if nested:
+            groups = [list(group) for group in images]
+            for sample, (group, count) in enumerate(zip(groups, counts)):
+                if len(group) != count:
+                    raise ValueError(
+                        f"Sample {sample}: the text has {count} {self.image_token} placeholder(s) but "
+                        f"{len(group)} image(s) were given for it."
+                    )
+            return groups
+        flat = [image for item in images for image in (item if isinstance(item, (list, tuple)) else [item])]
+        if len(flat) != sum(counts):
+            raise ValueError(
+                f"The text has {sum(counts)} {self.image_token} placeholder(s) but {len(flat)} image(s) were given; "
+                f"placeholders per sample: {counts}."
+            )
+        groups, start = [], 0
+        for count in counts:
+            groups.append(flat[start : start + count])
+            start += count
+        return groups
+
+    def _truncate(self, sample: int, ids: list[int], offsets: list, max_length: int) -> tuple[list, list]:
+        """Truncate to `max_length` on the tokenizer's truncation side, refusing to cut an image's tokens."""
+        left = getattr(self.tokenizer, "truncation_side", "right") == "left"
+        kept = slice(len(ids) - max_length, None) if left else slice(0, max_length)
+        dropped = ids[: len(ids) - max_length] if left else ids[max_length:]
+        if self.image_token_id in dropped:
+            raise ValueError(
+                f"Sample {sample}: truncating its {len(ids)} tokens to max_length={max_length} would cut through "
+                f"image tokens. Raise `max_length`, pass fewer images, or lower `max_slice_nums`."
+            )
+        return ids[kept], offsets[kept]
+
+    def _pad(self, input_ids, offsets, padding, max_length, pad_to_multiple_of, padding_side) -> dict:
+        lengths = [len(ids) for ids in input_ids]
+        if padding is True or padding == "longest":
+            target = max(lengths, default=0)
+        elif padding == "max_length":
+            if max_length is None:
+                raise ValueError("`padding='max_length'` needs `max_length`.")
+            target = max_length
+        elif padding in (False, None, "do_not_pad"):
+            target = None
+        else:
+            raise ValueError(f"`padding` must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}.")
+        if target is not None and pad_to_multiple_of:
+            target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+        side = padding_side or getattr(self.tokenizer, "padding_side", "right")
+        if side not in ("left", "right"):
+            raise ValueError(f"`padding_side` must be 'left' or 'right', got {side!r}.")
+        if target is not None and self.tokenizer.pad_token_id is None and any(n < target for n in lengths):
+            raise ValueError("The tokenizer has no pad token; set `tokenizer.pad_token` to pad a batch.")
+        out = {"input_ids": [], "attention_mask": [], "offset_mapping": []}
+        for ids, offset in zip(input_ids, offsets):
+            missing = max((target or 0) - len(ids), 0)
+            pad_ids, pad_mask, pad_offsets = [self.tokenizer.pad_token_id] * missing, [0] * missing, [(0, 0)] * missing
+            mask = [1] * len(ids)
+            if side == "left":
+                ids, mask, offset = pad_ids + ids, pad_mask + mask, pad_offsets + offset
+            else:
+                ids, mask, offset = ids + pad_ids, mask + pad_mask, offset + pad_offsets
+            out["input_ids"].append(ids)
+            out["attention_mask"].append(mask)
+            out["offset_mapping"].append(offset)
+        return out
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", *self.image_processor.model_input_names]
+
+
+def _char_id(tokenizer, char: str) -> int:
+    """Id of `char` as a token of its own after a word (`,` -> 29892 and `\\n` -> 13 with Vicuna's tokenizer)."""
+    word = tokenizer.encode("a", add_special_tokens=False)
+    ids = tokenizer.encode("a" + char, add_special_tokens=False)
+    if len(ids) != len(word) + 1 or ids[: len(word)] != word:
+        raise ValueError(f"{char!r} is not a single token for this tokenizer; pass its separator id explicitly.")
+    return ids[-1]
+
+
+__all__ = ["LlavaUhdProcessor"]

@@ -1,0 +1,60 @@
+"""The `llava-uhd` CLI and the README's set-up commands."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tiny import make_model, make_processor
+
+from modeling_llava_uhd.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "coffee.jpg"
+
+
+def _setup_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.+?)\n```", section, flags=re.S)
+
+
+def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
+    main_job, tests = _setup_commands()
+    assert "llava-uhd slices examples/coffee.jpg" in main_job
+    assert "pytest" in tests
+    assert tests in (ROOT / ".ci" / "run").read_text()
+
+
+def test_slices_prints_layout_and_draws_grid(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert main(["slices", str(EXAMPLE), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 row(s) x 3 column(s) = 6 slices" in printed
+    assert "1008 image + 6 separator" in printed
+    drawn = np.asarray(Image.open(out))
+    assert drawn.shape == (682, 1024, 3)
+    red_column = drawn[:, round(1024 / 3)]
+    assert (red_column[:, 0] > 200).mean() > 0.9 and (red_column[:, 1] < 80).mean() > 0.9
+
+
+def test_slices_options_and_errors(tmp_path, capsys):
+    assert main(["slices", str(EXAMPLE), "--max-slices", "1", "--num-queries", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "not sliced" in printed and "64 image + 0 separator" in printed
+    assert main(["slices", str(EXAMPLE), "--max-image-size", "none"]) == 0
+    assert "sliced at: 600x400" in capsys.readouterr().out
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    assert main(["slices", str(broken)]) == 1
+    assert "error" in capsys.readouterr().err
+
+
+def test_chat_answers_with_a_saved_model(tmp_path, capsys):
+    make_model().save_pretrained(tmp_path)
+    make_processor().save_pretrained(tmp_path)
+    code = main(
+        ["chat", "--model", str(tmp_path), "--image", str(EXAMPLE), "--prompt", "What is it?", "--max-new-tokens", "3"]
+    )
+    assert code == 0
+    assert capsys.readouterr().out.strip() != ""

@@ -1,0 +1,193 @@
+"""LlavaUhdModel / LlavaUhdForConditionalGeneration on tiny random configs."""
+
+import pytest
+import torch
+from tiny import make_model, make_processor, photo
+
+from modeling_llava_uhd import LlavaUhdForConditionalGeneration
+
+QUESTION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}]
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return make_processor()
+
+
+@pytest.fixture(scope="module", params=["spatial_resampler", "resampler"])
+def model(request):
+    return make_model(request.param)
+
+
+def _inputs(processor, images, texts=None, **kwargs):
+    texts = texts or [processor.apply_chat_template(QUESTION, add_generation_prompt=True)] * len(images)
+    return processor(images=images, text=texts, return_tensors="pt", **kwargs)
+
+
+class CallCounter:
+    def __init__(self, module):
+        self.shapes = []
+        module.register_forward_hook(lambda _m, args, kwargs, _o: self.shapes.append(tuple(kwargs["pixel_values"].shape)), with_kwargs=True)
+
+
+def test_forward_shapes_and_image_features(model, processor):
+    inputs = _inputs(processor, [photo("astronaut", (1088, 672))])
+    out = model(**inputs)
+    assert out.logits.shape == (1, inputs["input_ids"].shape[1], model.config.text_config.vocab_size)
+    features = model.get_image_features(inputs["pixel_values"], inputs["image_grid_hw"], inputs["slice_grid"])
+    assert len(features.pooler_output) == 1
+    crops = inputs["image_grid_hw"].shape[0]
+    assert features.pooler_output[0].shape == (crops * model.config.num_queries, model.config.text_config.hidden_size)
+    n_image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert n_image_tokens == crops * model.config.num_queries
+
+
+def test_vision_tower_runs_once_per_crop_shape_and_matches_per_crop(model, processor):
+    images = [photo("astronaut", (1088, 672)), photo("coffee"), photo("camera", (300, 900))]
+    inputs = processor.image_processor(images)
+    counter = CallCounter(model.model.vision_tower)
+    with torch.no_grad():
+        grouped = model.get_image_features(**inputs).pooler_output
+    distinct = {tuple(s) for s in inputs["image_grid_hw"].tolist()}
+    assert len(counter.shapes) == len(distinct) < inputs["image_grid_hw"].shape[0]
+
+    # One crop at a time through the same weights gives the same tokens.
+    lengths = (inputs["image_grid_hw"].prod(-1)).tolist()
+    single = []
+    with torch.no_grad():
+        for pixels, grid in zip(inputs["pixel_values"].split(lengths), inputs["image_grid_hw"]):
+            out = model.get_image_features(pixels, grid[None], torch.zeros(1, 2, dtype=torch.long))
+            single.append(out.pooler_output[0])
+    torch.testing.assert_close(torch.cat(grouped), torch.cat(single), atol=1e-5, rtol=1e-5)
+
+
+def test_position_embedding_interpolation_is_identity_at_native_grid(model):
+    tower = model.model.vision_tower
+    pixels = torch.randn(2, 3, 336, 336)
+    with torch.no_grad():
+        native = tower(pixel_values=pixels).last_hidden_state
+        interpolated = tower(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state
+    torch.testing.assert_close(native, interpolated, atol=0, rtol=0)
+
+
+def test_mismatched_image_tokens_raise(model, processor):
+    inputs = _inputs(processor, [photo("coffee")])
+    ids = inputs["input_ids"].clone()
+    first = int((ids[0] == model.config.image_token_id).nonzero()[0])
+    ids[0, first] = processor.tokenizer.unk_token_id
+    with pytest.raises(ValueError, match=r"image tokens do not match.*\d+ `<image>` token"):
+        model(**{**inputs, "input_ids": ids})
+    with pytest.raises(ValueError, match="image_grid_hw"):
+        model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"])
+
+
+def test_inputs_embeds_path_matches_input_ids(model, processor):
+    inputs = _inputs(processor, [photo("coffee")])
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    with torch.no_grad():
+        by_ids = model(**inputs).logits
+        by_embeds = model(
+            inputs_embeds=embeds,
+            pixel_values=inputs["pixel_values"],
+            image_grid_hw=inputs["image_grid_hw"],
+            slice_grid=inputs["slice_grid"],
+            attention_mask=inputs["attention_mask"],
+        ).logits
+    torch.testing.assert_close(by_ids, by_embeds)
+
+
+def test_save_load_gives_identical_logits(model, processor, tmp_path):
+    inputs = _inputs(processor, [photo("astronaut", (700, 500))])
+    model.save_pretrained(tmp_path)
+    reloaded = LlavaUhdForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, reloaded(**inputs).logits, atol=0, rtol=0)
+    assert torch.equal(reloaded.model.resampler.pos_embed, model.model.resampler.pos_embed)
+
+
+def test_loss_and_gradients(processor):
+    model = make_model().train()
+    model.activation_checkpointing_enable()
+    inputs = _inputs(processor, [photo("coffee")])
+    labels = inputs["input_ids"].clone()
+    labels[labels == model.config.image_token_id] = -100
+    out = model(**inputs, labels=labels)
+    assert torch.isfinite(out.loss) and out.loss > 0
+    out.loss.backward()
+    resampler_grad = model.model.resampler.query.grad
+    assert resampler_grad is not None and resampler_grad.abs().sum() > 0
+    assert model.model.vision_tower.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_generate_encodes_images_only_on_prefill(processor):
+    model = make_model()
+    inputs = _inputs(processor, [photo("coffee")])
+    counter = CallCounter(model.model.vision_tower)
+    out = model.generate(**inputs, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 6
+    assert len(counter.shapes) == len({tuple(s) for s in inputs["image_grid_hw"].tolist()})
+
+
+def test_generate_without_cache_matches_cached(processor):
+    model = make_model()
+    inputs = _inputs(processor, [photo("coffee")])
+    cached = model.generate(**inputs, max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    uncached = model.generate(**inputs, max_new_tokens=5, do_sample=False, min_new_tokens=5, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_batched_left_padded_generation_matches_one_by_one(processor):
+    model = make_model()
+    images = [photo("astronaut", (1088, 672)), photo("coffee"), photo("camera", (200, 300))]
+    questions = ["What is in the picture?", "Describe the image in detail.", "Count the objects."]
+    prompts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], add_generation_prompt=True
+        )
+        for q in questions
+    ]
+    batch = processor(images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt")
+    assert (batch["attention_mask"] == 0).any()  # the batch really is padded
+    batched = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    width = batch["input_ids"].shape[1]
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        single = processor(images=[image], text=[prompt], return_tensors="pt")
+        alone = model.generate(**single, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        assert batched[i, width:].tolist() == alone[0, single["input_ids"].shape[1] :].tolist()
+
+
+def test_sampling_beam_search_and_text_only(processor):
+    model = make_model()
+    inputs = _inputs(processor, [photo("coffee")])
+    torch.manual_seed(1)
+    first = model.generate(**inputs, max_new_tokens=5, do_sample=True, top_k=20)
+    torch.manual_seed(1)
+    again = model.generate(**inputs, max_new_tokens=5, do_sample=True, top_k=20)
+    assert torch.equal(first, again)
+    beams = model.generate(**inputs, max_new_tokens=4, num_beams=2, num_return_sequences=2, do_sample=False)
+    assert beams.shape[0] == 2
+    text = processor(text=["USER: Count the objects. ASSISTANT:"], return_tensors="pt")
+    assert "pixel_values" not in text
+    assert model.generate(**text, max_new_tokens=3, min_new_tokens=3).shape[1] == text["input_ids"].shape[1] + 3
+
+
+def test_sdpa_matches_eager(processor, tmp_path):
+    make_model().save_pretrained(tmp_path)
+    inputs = _inputs(processor, [photo("coffee")])
+    logits = {}
+    for implementation in ("eager", "sdpa"):
+        loaded = LlavaUhdForConditionalGeneration.from_pretrained(tmp_path, attn_implementation=implementation)
+        assert loaded.config.text_config._attn_implementation == implementation
+        with torch.no_grad():
+            logits[implementation] = loaded.eval()(**inputs).logits
+    torch.testing.assert_close(logits["eager"], logits["sdpa"], atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_and_device_map(processor, tmp_path):
+    make_model().save_pretrained(tmp_path)
+    inputs = _inputs(processor, [photo("coffee")])
+    model = LlavaUhdForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="auto")
+    assert model.dtype == torch.bfloat16
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
