@@ -1,6 +1,7 @@
 """PyTorch LLaVA-UHD: CLIP on variable-sized image slices, a compressing resampler, and a causal language model."""
 
 import math
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -21,12 +22,14 @@ from .configuration_llava_uhd import LlavaUhdConfig
 
 # Pooling grids (width, height) of the spatial resampler's boxes, in the reference's order of preference.
 POOLING_SIZES = ((4, 2), (3, 2), (4, 3), (3, 3), (2, 4), (2, 3), (3, 4))
+# Crop shapes whose resampler constants (resized positions, RoIAlign matrix) stay cached.
+CACHE_SIZE = 128
 
 
 def sincos_position_table(embed_dim: int, grid_size: int) -> torch.Tensor:
     """Fixed 2-D sin-cos table `[grid_size**2, embed_dim]`, rows row-major over the grid (MAE's layout: the first
     half of the channels encodes the column index, the second the row index; float32 numpy arithmetic)."""
-    omega = 1.0 / 10000 ** (np.arange(embed_dim // 4, dtype=np.float32) / np.float32(embed_dim / 2.0))
+    omega = 1.0 / 10000 ** (np.arange(embed_dim // 4, dtype=np.float32) / np.float32(embed_dim / 4.0))
     cols, rows = np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32))
     halves = []
     for coords in (cols.reshape(-1), rows.reshape(-1)):
@@ -126,13 +129,18 @@ class LlavaUhdResampler(nn.Module):
         self.ln_kv = nn.LayerNorm(embed_dim, eps=1e-6)
         self.ln_post = nn.LayerNorm(embed_dim, eps=1e-6)
         self.proj = nn.Parameter(torch.empty(embed_dim, embed_dim))
-        self._cache = {}
+        self._cache = OrderedDict()
 
     def _cached(self, kind: str, height: int, width: int, dtype: torch.dtype, build) -> torch.Tensor:
-        """Shape-dependent constants, rebuilt when `pos_embed` changes (a load) or on another device or dtype."""
+        """Shape-dependent constants (least recently used ones dropped), rebuilt when `pos_embed` changes (a load)
+        or for another device or dtype."""
         key = (kind, height, width, dtype, self.pos_embed.device, self.pos_embed.data_ptr(), self.pos_embed._version)
-        if key not in self._cache:
+        if key in self._cache:
+            self._cache.move_to_end(key)
+        else:
             self._cache[key] = build()
+            if len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
         return self._cache[key]
 
     def _window_pooling(self, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
