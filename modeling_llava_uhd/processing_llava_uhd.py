@@ -74,6 +74,9 @@ class LlavaUhdProcessor(ProcessorMixin):
         self.num_queries = num_queries
         self.slice_separator_id = _char_id(tokenizer, ",") if slice_separator_id is None else slice_separator_id
         self.row_separator_id = _char_id(tokenizer, "\n") if row_separator_id is None else row_separator_id
+        for name in ("slice_separator_id", "row_separator_id"):
+            if not 0 <= getattr(self, name) < len(tokenizer):
+                raise ValueError(f"`{name}` {getattr(self, name)} is not an id of this {len(tokenizer)}-token tokenizer.")
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
 
     def image_token_ids(self, rows: int, cols: int) -> list[int]:

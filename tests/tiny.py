@@ -45,7 +45,9 @@ def make_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     )
 
 
-def make_config(projector_type: str = "spatial_resampler", vocab_size: int = 400, **kwargs) -> LlavaUhdConfig:
+def make_config(
+    projector_type: str = "spatial_resampler", vocab_size: int = 400, text_model_type: str = "llama", **kwargs
+) -> LlavaUhdConfig:
     tokenizer_ids = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
     vision = dict(
         model_type="clip_vision_model",
@@ -57,7 +59,7 @@ def make_config(projector_type: str = "spatial_resampler", vocab_size: int = 400
         image_size=336,
     )
     text = dict(
-        model_type="llama",
+        model_type=text_model_type,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -75,6 +77,7 @@ def make_config(projector_type: str = "spatial_resampler", vocab_size: int = 400
 
 
 def make_model(projector_type: str = "spatial_resampler", seed: int = 0, **kwargs) -> LlavaUhdForConditionalGeneration:
+    """A tiny random model; `kwargs` go to `make_config`."""
     torch.manual_seed(seed)
     model = LlavaUhdForConditionalGeneration(make_config(projector_type, **kwargs)).eval()
     model.generation_config.pad_token_id = model.config.text_config.pad_token_id

@@ -1,0 +1,1 @@
+"""Conversion of the authors' LLaVA-UHD checkpoints to the Hub-native format, and publishing to the Hub."""

@@ -1,0 +1,242 @@
+"""conversion/: original LLaVA-layout checkpoints -> Hub-native folders."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tiny import make_model, make_tokenizer, photo
+from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPConfig, CLIPModel
+
+from conversion.convert_llava_uhd import ConversionError, build_parser, convert
+from conversion.publish import main as publish_main
+from modeling_llava_uhd import LlavaUhdForConditionalGeneration
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def original_key(name: str) -> str:
+    """Our key -> the original LLaVA layout's key (the inverse of the converter's mapping)."""
+    if name.startswith("model.resampler."):
+        return name.replace("model.resampler.", "model.mm_projector.")
+    return name.replace("model.language_model.", "model.")
+
+
+def write_original(folder: Path, projector_type: str = "spatial_resampler", shards: int = 2, fmt: str = "safetensors",
+                   llm: str = "llama") -> LlavaUhdForConditionalGeneration:
+    """An original-layout checkpoint (+ a CLIP folder beside it) holding the weights of a tiny random model."""
+    model = make_model(projector_type, seed=3, text_model_type=llm)
+    text = model.config.text_config.to_dict()
+    config = {
+        **{k: v for k, v in text.items() if k not in ("model_type", "architectures")},
+        "architectures": ["LlavaQwen2ForCausalLM" if llm == "qwen2" else "LlavaLlamaForCausalLM"],
+        "model_type": "llava_qwen2" if llm == "qwen2" else "llava_llama",
+        "mm_projector_type": "adapt_spatial_resampler" if projector_type == "spatial_resampler" else "resampler",
+        "mm_hidden_size": model.config.vision_config.hidden_size,
+        "mm_vision_select_layer": -2,
+        "mm_vision_tower": "clip",
+        "image_aspect_ratio": "pad",
+        "tokenizer_model_max_length": 2048,
+    }
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    make_tokenizer().save_pretrained(folder)
+    state = {original_key(k): v for k, v in model.state_dict().items() if not k.startswith("model.vision_tower.")}
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # old checkpoints carry these buffers
+    names = sorted(state)
+    for i in range(shards):
+        part = {k: state[k].clone() for k in names[i::shards]}
+        if fmt == "safetensors":
+            save_file(part, folder / f"model-{i + 1:05d}-of-{shards:05d}.safetensors")
+        else:
+            torch.save(part, folder / f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin")
+
+    vision = model.config.vision_config.to_dict()
+    clip = CLIPModel(CLIPConfig(vision_config=vision, text_config=dict(hidden_size=16, intermediate_size=32,
+                                num_hidden_layers=1, num_attention_heads=2, vocab_size=99)))
+    prefix = "model.vision_tower."
+    clip.vision_model.load_state_dict(
+        {k.removeprefix(prefix): v for k, v in model.state_dict().items() if k.startswith(prefix)}
+    )
+    clip.save_pretrained(folder.parent / "clip")
+    return model
+
+
+def tiny_separators() -> list[str]:
+    """The tiny tokenizer's ',' and '\n' ids (the converter defaults to Vicuna's, outside a tiny vocabulary)."""
+    tokenizer = make_tokenizer()
+    comma, newline = (tokenizer.encode("a" + c, add_special_tokens=False)[-1] for c in ",\n")
+    return ["--slice-separator-id", str(comma), "--row-separator-id", str(newline)]
+
+
+def run_convert(tmp: Path, original: Path, output: str = "converted", *extra: str) -> Path:
+    args = build_parser().parse_args(
+        ["--original", str(original), "--vision-tower", str(original.parent / "clip"), "--output", str(tmp / output),
+         "--dtype", "float32", *tiny_separators(), *extra]
+    )
+    convert(args)
+    return tmp / output
+
+
+def logits(folder: Path, image_name: str = "coffee") -> torch.Tensor:
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
+        add_generation_prompt=True,
+    )
+    inputs = processor(images=photo(image_name), text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("projector_type,fmt,llm", [("spatial_resampler", "safetensors", "llama"),
+                                                     ("resampler", "bin", "llama"),
+                                                     ("spatial_resampler", "safetensors", "qwen2")])
+def test_convert_maps_every_weight(tmp_path, projector_type, fmt, llm):
+    source = write_original(tmp_path / "original", projector_type, fmt=fmt, llm=llm)
+    out = run_convert(tmp_path, tmp_path / "original")
+    config = json.loads((out / "config.json").read_text())
+    assert config["projector_type"] == projector_type
+    assert config["text_config"]["model_type"] == llm
+    assert config["num_queries"] == source.config.num_queries
+    converted = AutoModelForImageTextToText.from_pretrained(out)
+    mine, theirs = converted.state_dict(), source.state_dict()
+    vocab = source.config.text_config.vocab_size
+    for key, value in theirs.items():
+        got = mine[key][:vocab] if key.endswith(("embed_tokens.weight", "lm_head.weight")) else mine[key]
+        assert torch.equal(got, value), key
+    processor = json.loads((out / "processor_config.json").read_text())
+    assert ["--slice-separator-id", str(processor["slice_separator_id"]), "--row-separator-id",
+            str(processor["row_separator_id"])] == tiny_separators()
+    # Without overrides the converter records the ids the reference inserts for every tokenizer: Vicuna's , and \n.
+    defaults = build_parser().parse_args(["--original", "o", "--vision-tower", "v", "--output", "x"])
+    assert (defaults.slice_separator_id, defaults.row_separator_id) == (29892, 13)
+    card = (out / "README.md").read_text()
+    assert "library_name: transformers" in card and "pipeline_tag: image-text-to-text" in card and "@inproceedings" in card
+
+
+def test_conversion_is_deterministic_and_round_trips(tmp_path):
+    write_original(tmp_path / "original")
+    first = run_convert(tmp_path, tmp_path / "original", "a", "--max-shard-size", "0.0001")
+    second = run_convert(tmp_path, tmp_path / "original", "b", "--max-shard-size", "0.0001")
+    shards = sorted(p.name for p in first.glob("*.safetensors"))
+    assert len(shards) > 1 and (first / "model.safetensors.index.json").is_file()
+    for name in shards:
+        assert hashlib.sha256((first / name).read_bytes()).digest() == hashlib.sha256((second / name).read_bytes()).digest()
+
+    model = AutoModelForImageTextToText.from_pretrained(first)
+    model.save_pretrained(tmp_path / "resaved")
+    AutoProcessor.from_pretrained(first).save_pretrained(tmp_path / "resaved")
+    torch.testing.assert_close(logits(first), logits(tmp_path / "resaved"), atol=0, rtol=0)
+
+
+def test_tokenizer_gets_image_and_pad_tokens(tmp_path):
+    write_original(tmp_path / "original")
+    # An original tokenizer has neither <image> nor a pad token.
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    base = make_tokenizer()
+    backend = Tokenizer.from_str(base.backend_tokenizer.to_str())
+    plain = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / "original" / name).unlink(missing_ok=True)
+    plain.save_pretrained(tmp_path / "original")
+    out = run_convert(tmp_path, tmp_path / "original")
+    processor = AutoProcessor.from_pretrained(out)
+    assert processor.tokenizer.pad_token is not None
+    config = json.loads((out / "config.json").read_text())
+    assert config["image_token_id"] == processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert config["text_config"]["vocab_size"] % 64 == 0 and config["text_config"]["vocab_size"] >= len(processor.tokenizer)
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    write_original(tmp_path / "original")
+    original = tmp_path / "original"
+    from safetensors import safe_open
+
+    def has_query(path):
+        with safe_open(path, "pt") as f:
+            return "model.mm_projector.query" in f.keys()
+
+    shard = next(p for p in sorted(original.glob("*.safetensors")) if not has_query(p))
+
+    # An unexpected key is listed.
+    save_file({"model.mystery.weight": torch.zeros(2)}, original / "extra.safetensors")
+    with pytest.raises(ConversionError, match=r"unmapped keys: extra.safetensors: model.mystery.weight"):
+        run_convert(tmp_path, original, "x1")
+    (original / "extra.safetensors").unlink()
+
+    # A missing shard leaves keys missing, and they are listed.
+    moved = shard.rename(tmp_path / shard.name)
+    with pytest.raises(ConversionError, match=r"missing keys: .*model\."):
+        run_convert(tmp_path, original, "x2")
+
+    # A truncated shard is named.
+    moved.rename(shard)
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConversionError, match="not a valid safetensors file"):
+        run_convert(tmp_path, original, "x3")
+    assert not list((tmp_path / "x3").glob("*.safetensors"))
+
+
+def test_unsupported_formats_and_missing_config(tmp_path):
+    folder = tmp_path / "original"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.ckpt").write_bytes(b"x")
+    (tmp_path / "clip").mkdir()
+    with pytest.raises(ConversionError, match=r"No \*.safetensors or \*.bin weights.*model.ckpt"):
+        run_convert(tmp_path, folder)
+    (folder / "config.json").unlink()
+    with pytest.raises(ConversionError, match="has no config.json"):
+        run_convert(tmp_path, folder)
+
+
+def test_stage1_projector_with_separate_llm(tmp_path):
+    source = write_original(tmp_path / "original", shards=1)
+    shard = next((tmp_path / "original").glob("*.safetensors"))
+    from safetensors.torch import load_file
+
+    state = load_file(shard)
+    llm = tmp_path / "vicuna"
+    llm.mkdir()
+    save_file({k: v for k, v in state.items() if not k.startswith("model.mm_projector.")}, llm / "model.safetensors")
+    torch.save({k: v for k, v in state.items() if k.startswith("model.mm_projector.")},
+               tmp_path / "original" / "mm_projector.bin")
+    shard.unlink()
+    with pytest.raises(ConversionError, match="stage-1 folder"):
+        run_convert(tmp_path, tmp_path / "original", "x")
+    out = run_convert(tmp_path, tmp_path / "original", "converted", "--text-model", str(llm))
+    converted = AutoModelForImageTextToText.from_pretrained(out)
+    assert torch.equal(converted.model.resampler.query, source.model.resampler.query)
+
+
+def test_publish_dry_run_lists_files(tmp_path, capsys):
+    write_original(tmp_path / "original")
+    out = run_convert(tmp_path, tmp_path / "original")
+    assert publish_main([str(out), "org/llava-uhd-tiny", "--dry-run", "--private"]) == 0
+    printed = capsys.readouterr().out
+    assert "Would upload" in printed and "model.safetensors" in printed and "private" in printed
+    assert publish_main([str(tmp_path / "original"), "org/x", "--dry-run"]) == 1
+    assert "missing" in capsys.readouterr().out
+
+
+def test_cli_entry_point_prints_summary(tmp_path):
+    write_original(tmp_path / "original")
+    result = subprocess.run(
+        [sys.executable, "-m", "conversion.convert_llava_uhd", "--original", str(tmp_path / "original"),
+         "--vision-tower", str(tmp_path / "clip"), "--output", str(tmp_path / "out"), "--dtype", "bfloat16",
+         *tiny_separators()],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "parameters" in result.stdout and "bfloat16" in result.stdout
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
+    assert model.dtype == torch.bfloat16
