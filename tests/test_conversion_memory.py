@@ -14,20 +14,18 @@ from modeling_llava_uhd import LlavaUhdForConditionalGeneration
 
 ROOT = Path(__file__).resolve().parents[1]
 MEASURE = """
-import resource, runpy, sys
-sys.argv = ["convert"] + sys.argv[1:]
-try:
-    runpy.run_module("conversion.convert_llava_uhd", run_name="__main__")
-except SystemExit as exit:
-    assert not exit.code, exit.code
-print("PEAK_RSS_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+import resource, sys
+from conversion.convert_llava_uhd import main
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+assert main(sys.argv[1:]) == 0
+print("RSS_MB", before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
 
 def write_big_original(folder: Path, shard_mb: int = 48) -> int:
     """An original checkpoint of ~400 MB (8 LLM layers of width 1024) in shards of ~`shard_mb` MB; returns bytes."""
     small = folder.parent / "small"
-    write_original(small)  # tokenizer and CLIP folder to reuse
+    write_original(small)  # tokenizer and CLIP folder (next to it) to reuse
     config = make_config(num_queries=144, resampler_num_heads=8)
     config.text_config.hidden_size = 1024
     config.text_config.intermediate_size = 2816
@@ -61,23 +59,27 @@ def write_big_original(folder: Path, shard_mb: int = 48) -> int:
     return total + shard_bytes
 
 
-def peak_rss_mb(original: Path, output: Path, clip: Path, shard_gib: float) -> float:
+def rss_mb(original: Path, output: Path, clip: Path, shard_gib: float) -> tuple[float, float]:
+    """Peak RSS (MB) of a conversion in a fresh process: after the imports, and at the end."""
     result = subprocess.run(
         [sys.executable, "-c", MEASURE, "--original", str(original), "--vision-tower", str(clip), "--output",
          str(output), "--dtype", "float32", "--max-shard-size", str(shard_gib), *tiny_separators()],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return float(result.stdout.split("PEAK_RSS_MB")[1])
+    before, peak = result.stdout.split("RSS_MB")[1].split()
+    return float(before), float(peak)
 
 
 def test_peak_memory_stays_near_one_shard(tmp_path):
     model_bytes = write_big_original(tmp_path / "big")
     clip = tmp_path / "clip"
-    baseline = peak_rss_mb(tmp_path / "small", tmp_path / "out_small", clip, 0.05)
-    peak = peak_rss_mb(tmp_path / "big", tmp_path / "out_big", clip, 0.05)
+    write_original(tmp_path / "tiny")
+    tiny_before, tiny_peak = rss_mb(tmp_path / "tiny", tmp_path / "out_tiny", clip, 0.05)
+    before, peak = rss_mb(tmp_path / "big", tmp_path / "out_big", clip, 0.05)
     model_mb, shard_mb = model_bytes / 2**20, 0.05 * 1024
-    print(f"model {model_mb:.0f} MB, output shards {shard_mb:.0f} MB: peak RSS {peak:.0f} MB, "
-          f"baseline (tiny model) {baseline:.0f} MB, overhead {peak - baseline:.0f} MB")
+    print(f"model {model_mb:.0f} MB in {len(list((tmp_path / 'big').iterdir())) - 3} shards, output shards "
+          f"{shard_mb:.0f} MB: peak RSS {before:.0f} MB after imports -> {peak:.0f} MB "
+          f"(+{peak - before:.0f} MB; a tiny model: +{tiny_peak - tiny_before:.0f} MB)")
     assert len(list((tmp_path / "out_big").glob("*.safetensors"))) >= 6
-    assert peak - baseline < 4 * shard_mb < model_mb / 2
+    assert peak - before < 4 * shard_mb < model_mb / 2
