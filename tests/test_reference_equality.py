@@ -1,0 +1,67 @@
+"""The converted tiny original checkpoint reproduces the reference implementation's outputs (fixtures/original/)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from skimage import data
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from conversion.convert_llava_uhd import build_parser, convert
+
+FIXTURE = Path(__file__).parent / "fixtures" / "original"
+EXPECTED = load_file(FIXTURE / "expected.safetensors")
+FACTS = json.loads((FIXTURE / "expected.json").read_text())
+QUESTION = "What is on the table?"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> tuple:
+    output = tmp_path_factory.mktemp("converted")
+    separators = FACTS["separator_ids"]
+    args = build_parser().parse_args(
+        ["--original", str(FIXTURE / "llava"), "--vision-tower", str(FIXTURE / "clip"), "--output", str(output),
+         "--dtype", "float32", "--slice-separator-id", str(separators["comma"]),
+         "--row-separator-id", str(separators["newline"])]
+    )
+    convert(args)
+    model = AutoModelForImageTextToText.from_pretrained(output, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(output, trust_remote_code=True)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=Image.fromarray(data.coffee()), text=prompt, return_tensors="pt")
+    return model, processor, prompt, inputs
+
+
+def test_prompt_and_input_ids_match_reference(converted):
+    _, processor, prompt, inputs = converted
+    assert prompt == FACTS["prompt"]
+    reference = EXPECTED["input_ids"][0].tolist()
+    position = FACTS["image_token_position"]
+    assert reference[position] == -200
+    schema = processor.image_token_ids(*FACTS["grid_cols_rows"][::-1])
+    assert inputs["input_ids"][0].tolist() == reference[:position] + schema + reference[position + 1 :]
+    assert inputs["input_ids"].shape[1] == FACTS["sequence_length"]
+    assert inputs["slice_grid"].tolist() == [FACTS["grid_cols_rows"][::-1]]
+    assert inputs["image_grid_hw"].tolist() == FACTS["feature_grid_hw"]
+
+
+def test_image_features_match_reference(converted):
+    model, _, _, inputs = converted
+    with torch.no_grad():
+        features = model.get_image_features(inputs["pixel_values"], inputs["image_grid_hw"], inputs["slice_grid"]).pooler_output
+    torch.testing.assert_close(torch.cat(features), EXPECTED["image_features"].flatten(0, 1), atol=1e-5, rtol=0)
+
+
+def test_logits_and_greedy_generation_match_reference(converted):
+    model, _, _, inputs = converted
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    vocab = EXPECTED["logits"].shape[-1]
+    torch.testing.assert_close(logits[..., :vocab], EXPECTED["logits"], atol=1e-4, rtol=0)
+    generated = model.generate(**inputs, do_sample=False, max_new_tokens=6)
+    # The reference (transformers 4.37, generating from embeddings) returns BOS + the new tokens.
+    assert generated[0, inputs["input_ids"].shape[1] :].tolist() == EXPECTED["generated_ids"][0, 1:].tolist()
