@@ -90,16 +90,19 @@ def _normalization_table(rescale_factor: float, mean: tuple, std: tuple) -> np.n
     return (values[None, :] - mean) / std
 
 
-def _to_patches(array: np.ndarray, rows: int, cols: int, patch: int) -> np.ndarray:
-    """Cut an `[H, W, 3]` image into `rows x cols` tiles and each tile into `patch x patch` patches.
+def _write_patches(out: np.ndarray, image: np.ndarray, rows: int, cols: int, table: np.ndarray) -> None:
+    """Normalise an `[H, W, 3]` uint8 image with `table` and write it into `out` as patches.
 
-    Returns `[rows * cols * patches_per_tile, 3, patch * patch]`: tiles row-major, patches row-major within a tile,
-    each patch channel-first (the layout of a `Conv2d` weight).
+    `out` is `[rows * cols * patches_per_tile, 3, patch, patch]`: the image cut into `rows x cols` tiles, tiles
+    row-major, patches row-major within a tile, each patch channel-first (the layout of a `Conv2d` weight).
     """
-    height, width, channels = array.shape
+    height, width, channels = image.shape
+    patch = out.shape[-1]
     ph, pw = height // rows // patch, width // cols // patch
-    array = array.reshape(rows, ph, patch, cols, pw, patch, channels)
-    return array.transpose(0, 3, 1, 4, 6, 2, 5).reshape(-1, channels, patch * patch)
+    # `out` seen in the image's own (y, x) order: each channel is one table look-up and one strided copy.
+    target = out.reshape(rows, cols, ph, pw, channels, patch, patch).transpose(4, 0, 2, 5, 1, 3, 6)
+    for channel in range(channels):
+        target[channel] = table[channel].take(image[..., channel]).reshape(target.shape[1:])
 
 
 class LlavaUhdImageProcessor(BaseImageProcessor):
@@ -209,36 +212,34 @@ class LlavaUhdImageProcessor(BaseImageProcessor):
             raise TypeError(f"Unexpected arguments for LlavaUhdImageProcessor: {sorted(kwargs)}.")
         if return_tensors not in (None, "pt", TensorType.PYTORCH):
             raise ValueError(f"`return_tensors` must be 'pt' or None, got {return_tensors!r}.")
+        images = [_to_rgb(image, index) for index, image in enumerate(_flatten_images(images))]
+        layouts = [self.get_slice_layout(image.height, image.width, max_slice_nums) for image in images]
         patch = self.patch_size
-        patches, grid_hw, slice_grid = [], [], []
-        for index, image in enumerate(_flatten_images(images)):
-            image = _to_rgb(image, index)
-            layout = self.get_slice_layout(image.height, image.width, max_slice_nums)
+        grid_hw = [
+            (size[0] // patch, size[1] // patch)
+            for layout in layouts
+            for size in [layout.slice_size] * layout.num_slices + [layout.overview_size]
+        ]
+        table = _normalization_table(float(self.rescale_factor), tuple(self.image_mean), tuple(self.image_std))
+        pixel_values = np.empty((sum(h * w for h, w in grid_hw), 3, patch, patch), dtype=np.float32)
+        start = 0
+        for image, layout in zip(images, layouts):
             height, width = layout.image_size
             if image.size != (width, height):
                 image = image.resize((width, height), Image.Resampling.BICUBIC)
+            resizes = [(layout.overview_size, (1, 1))]  # (size, tile grid): all slices come from one resize
             if layout.grid is not None:
                 (rows, cols), (slice_h, slice_w) = layout.grid, layout.slice_size
-                refined = image.resize((slice_w * cols, slice_h * rows), Image.Resampling.BICUBIC)
-                patches.append(_to_patches(np.asarray(refined), rows, cols, patch))
-                grid_hw += [(slice_h // patch, slice_w // patch)] * (rows * cols)
-                slice_grid.append((rows, cols))
-            else:
-                slice_grid.append((0, 0))
-            overview_h, overview_w = layout.overview_size
-            overview = image.resize((overview_w, overview_h), Image.Resampling.BICUBIC)
-            patches.append(_to_patches(np.asarray(overview), 1, 1, patch))
-            grid_hw.append((overview_h // patch, overview_w // patch))
-
-        table = _normalization_table(float(self.rescale_factor), tuple(self.image_mean), tuple(self.image_std))
-        if patches:
-            packed = np.concatenate(patches)
-            pixel_values = table[np.arange(3)[None, :, None], packed].reshape(len(packed), -1)
-        else:
-            pixel_values = np.zeros((0, 3 * patch * patch), dtype=np.float32)
+                resizes.insert(0, ((rows * slice_h, cols * slice_w), layout.grid))
+            for (resize_h, resize_w), (rows, cols) in resizes:
+                end = start + (resize_h // patch) * (resize_w // patch)
+                resized = np.asarray(image.resize((resize_w, resize_h), Image.Resampling.BICUBIC))
+                _write_patches(pixel_values[start:end], resized, rows, cols, table)
+                start = end
+        slice_grid = [layout.grid or (0, 0) for layout in layouts]
         return BatchFeature(
             data={
-                "pixel_values": torch.from_numpy(pixel_values),
+                "pixel_values": torch.from_numpy(pixel_values.reshape(-1, 3 * patch * patch)),
                 "image_grid_hw": torch.tensor(grid_hw, dtype=torch.long).reshape(-1, 2),
                 "slice_grid": torch.tensor(slice_grid, dtype=torch.long).reshape(-1, 2),
             }
@@ -265,7 +266,9 @@ def _to_rgb(image: ImageLike, index: int) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
         image = _open_image(os.fspath(image), name)
     elif isinstance(image, torch.Tensor):
-        image = _array_to_pil(image.detach().cpu().numpy(), name)
+        image = image.detach().cpu()
+        # numpy has no bfloat16: widen it (exactly) to float32 first.
+        image = _array_to_pil((image.float() if image.dtype == torch.bfloat16 else image).numpy(), name)
     elif isinstance(image, np.ndarray):
         image = _array_to_pil(image, name)
     elif not isinstance(image, Image.Image):

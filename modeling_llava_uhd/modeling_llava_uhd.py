@@ -22,7 +22,7 @@ from .configuration_llava_uhd import LlavaUhdConfig
 
 # Pooling grids (width, height) of the spatial resampler's boxes, in the reference's order of preference.
 POOLING_SIZES = ((4, 2), (3, 2), (4, 3), (3, 3), (2, 4), (2, 3), (3, 4))
-# Crop shapes whose resampler constants (resized positions, RoIAlign matrix) stay cached.
+# Crop shapes whose resampler constants (resized positions, RoIAlign maps) stay cached.
 CACHE_SIZE = 128
 
 
@@ -59,31 +59,30 @@ def _bilinear_axis_weights(coords: torch.Tensor, length: int) -> torch.Tensor:
     return weights * valid[..., None]
 
 
+def roi_align_weights(start: torch.Tensor, extent: torch.Tensor, pooled: int, length: int) -> torch.Tensor:
+    """RoIAlign along one axis as `[boxes, pooled, length]` weights: bin `p` of a box starting at `start` with size
+    `extent` averages its adaptive number (`ceil(extent / pooled)`) of bilinear samples."""
+    bin_size = extent / pooled
+    samples = torch.ceil(extent / pooled).long().clamp(min=1)  # adaptive sampling ratio
+    steps = torch.arange(int(samples.max()), dtype=torch.float32)
+    bins = torch.arange(pooled, dtype=torch.float32)
+    coords = (start[:, None, None] + bins[None, :, None] * bin_size[:, None, None]) + (
+        (steps + 0.5)[None, None, :] * bin_size[:, None, None] / samples[:, None, None].float()
+    )
+    used = steps[None, :] < samples[:, None]  # [boxes, steps]
+    weights = _bilinear_axis_weights(coords, length) * used[:, None, :, None]
+    return weights.sum(2) / samples[:, None, None].float()
+
+
 def roi_align_matrix(boxes: torch.Tensor, height: int, width: int, pooled_h: int, pooled_w: int) -> torch.Tensor:
     """RoIAlign as a linear map: `[num_boxes * pooled_h * pooled_w, height * width]` such that multiplying a flattened
     `[height * width, C]` feature map by it gives `torchvision.ops.roi_align(..., (pooled_h, pooled_w),
     spatial_scale=1, sampling_ratio=-1, aligned=False)` for `boxes` `[num_boxes, 4]` (x1, y1, x2, y2), rows ordered
     (box, pooled row, pooled column). Bilinear sampling is separable, so each bin is an outer product."""
-    boxes = boxes.float()
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    roi_w, roi_h = (x2 - x1).clamp(min=1.0), (y2 - y1).clamp(min=1.0)
-
-    def axis(start, extent, pooled, length):
-        bin_size = extent / pooled
-        samples = torch.ceil(extent / pooled).long().clamp(min=1)  # adaptive sampling ratio
-        steps = torch.arange(int(samples.max()), dtype=torch.float32)
-        bins = torch.arange(pooled, dtype=torch.float32)
-        coords = (start[:, None, None] + bins[None, :, None] * bin_size[:, None, None]) + (
-            (steps + 0.5)[None, None, :] * bin_size[:, None, None] / samples[:, None, None].float()
-        )
-        used = steps[None, :] < samples[:, None]  # [boxes, steps]
-        weights = _bilinear_axis_weights(coords, length) * used[:, None, :, None]
-        return weights.sum(2), samples  # [boxes, pooled, length]
-
-    rows, samples_h = axis(y1, roi_h, pooled_h, height)
-    cols, samples_w = axis(x1, roi_w, pooled_w, width)
-    matrix = torch.einsum("kpy,kqx->kpqyx", rows, cols) / (samples_h * samples_w).float()[:, None, None, None, None]
-    return matrix.reshape(-1, height * width)
+    x1, y1, x2, y2 = boxes.float().unbind(-1)
+    rows = roi_align_weights(y1, (y2 - y1).clamp(min=1.0), pooled_h, height)
+    cols = roi_align_weights(x1, (x2 - x1).clamp(min=1.0), pooled_w, width)
+    return torch.einsum("kpy,kqx->kpqyx", rows, cols).reshape(-1, height * width)
 
 
 def window_boxes(height: int, width: int, num_windows: int) -> torch.Tensor:
@@ -108,6 +107,41 @@ def best_pooling_size(height: int, width: int) -> tuple[int, int]:
     return best
 
 
+class LlavaUhdResamplerAttention(nn.Module):
+    """The resampler's cross-attention: `nn.MultiheadAttention`'s parameters (packed `in_proj_weight` and
+    `in_proj_bias`, `out_proj`) and math, with the queries projected once for all crops and the keys and values
+    projected before an optional linear reduction (the spatial resampler's RoI pooling), which is then applied to
+    `h * w` projected positions instead of projecting `num_queries * pooled` pooled ones. The biases are added after
+    the reduction, so the map is the same."""
+
+    def __init__(self, embed_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pool=None) -> torch.Tensor:
+        """`queries` `[num_queries, dim]` (shared by all crops), `keys` and `values` `[crops, positions, dim]` ->
+        `[crops, num_queries, dim]`. With `pool` (`[crops, positions, dim]` -> `[crops, num_queries, pooled, dim]`),
+        query k attends only to the pooled positions of its window k; without it, to all positions."""
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        query = F.linear(queries, w_q, b_q)
+        key, value = F.linear(keys, w_k), F.linear(values, w_v)
+        if pool is not None:
+            query, key, value = query[:, None], pool(key), pool(value)
+
+        def split_heads(x: torch.Tensor) -> torch.Tensor:  # [..., positions, dim] -> [..., heads, positions, head_dim]
+            return x.unflatten(-1, (self.num_heads, -1)).transpose(-3, -2)
+
+        crops, query = len(keys), split_heads(query)
+        out = F.scaled_dot_product_attention(
+            query.expand(crops, *query.shape), split_heads(key + b_k), split_heads(value + b_v)
+        )
+        return self.out_proj(out.transpose(-3, -2).reshape(crops, len(queries), -1))
+
+
 class LlavaUhdResampler(nn.Module):
     """Compresses the `h x w` feature map of a crop into `num_queries` tokens with one cross-attention layer.
 
@@ -124,7 +158,7 @@ class LlavaUhdResampler(nn.Module):
         self.query = nn.Parameter(torch.empty(self.num_queries, embed_dim))
         self.register_buffer("pos_embed", torch.empty(self.num_queries, embed_dim))
         self.kv_proj = nn.Linear(kv_dim, embed_dim, bias=False) if kv_dim != embed_dim else nn.Identity()
-        self.attn = nn.MultiheadAttention(embed_dim, config.resampler_num_heads)
+        self.attn = LlavaUhdResamplerAttention(embed_dim, config.resampler_num_heads)
         self.ln_q = nn.LayerNorm(embed_dim, eps=1e-6)
         self.ln_kv = nn.LayerNorm(embed_dim, eps=1e-6)
         self.ln_post = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -133,8 +167,10 @@ class LlavaUhdResampler(nn.Module):
 
     def _cached(self, kind: str, height: int, width: int, dtype: torch.dtype, build) -> torch.Tensor:
         """Shape-dependent constants (least recently used ones dropped), rebuilt when `pos_embed` changes (a load)
-        or for another device or dtype."""
-        key = (kind, height, width, dtype, self.pos_embed.device, self.pos_embed.data_ptr(), self.pos_embed._version)
+        or for another device or dtype, and kept apart in inference mode (autograd may not use its tensors)."""
+        pos_embed = self.pos_embed
+        key = (kind, height, width, dtype, pos_embed.device, pos_embed.data_ptr(), pos_embed._version)
+        key += (torch.is_inference_mode_enabled(),)
         if key in self._cache:
             self._cache.move_to_end(key)
         else:
@@ -143,33 +179,43 @@ class LlavaUhdResampler(nn.Module):
                 self._cache.popitem(last=False)
         return self._cache[key]
 
-    def _window_pooling(self, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    def _window_pooling(self, height: int, width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoIAlign of every window as two axis maps, `[grid * pooled_h, height]` and `[grid * pooled_w, width]`: the
+        windows of a grid row share their y extent and those of a grid column their x extent, so pooling all windows
+        is `rows @ feature map @ cols.T`."""
+
         def build():
+            grid = math.isqrt(self.num_queries)
+            pooled_h, pooled_w = best_pooling_size(height, width)
             # The reference casts the boxes to the features' dtype before RoIAlign: keep that rounding.
-            boxes = window_boxes(height, width, self.num_queries).to(dtype).float()
-            matrix = roi_align_matrix(boxes, height, width, *best_pooling_size(height, width))
-            return matrix.to(self.pos_embed.device)
+            x1, y1, x2, y2 = window_boxes(height, width, self.num_queries).to(dtype).float().unbind(-1)
+            rows = roi_align_weights(y1[::grid], (y2 - y1)[::grid].clamp(min=1.0), pooled_h, height)
+            cols = roi_align_weights(x1[:grid], (x2 - x1)[:grid].clamp(min=1.0), pooled_w, width)
+            return rows.flatten(0, 1).to(self.pos_embed.device), cols.flatten(0, 1).to(self.pos_embed.device)
 
         return self._cached("pool", height, width, dtype, build)
 
+    def _pool_windows(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """`[crops, height * width, dim]` -> `[crops, num_queries, pooled_h * pooled_w, dim]` (float32): the RoIAligned
+        positions of each window, windows row-major."""
+        rows, cols = self._window_pooling(height, width, x.dtype)
+        grid, (pooled_h, pooled_w) = math.isqrt(self.num_queries), best_pooling_size(height, width)
+        crops, dim = x.shape[0], x.shape[-1]
+        x = rows @ x.float().view(crops, height, width * dim)  # [crops, grid * pooled_h, width * dim]
+        x = cols @ x.view(crops, -1, width, dim)  # [crops, grid * pooled_h, grid * pooled_w, dim]
+        x = x.view(crops, grid, pooled_h, grid, pooled_w, dim).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(crops, self.num_queries, pooled_h * pooled_w, dim)
+
     def forward(self, features: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """`features` `[crops, height * width, kv_dim]` of same-shape crops -> `[crops, num_queries, embed_dim]`."""
-        crops, dtype = features.shape[0], features.dtype
+        dtype = features.dtype
         key_pos = self._cached(
             "pos", height, width, dtype, lambda: resize_position_table(self.pos_embed, height, width).to(dtype)
         )
         values = self.ln_kv(self.kv_proj(features))
-        keys = values + key_pos
         queries = self.ln_q(self.query) + self.pos_embed.to(dtype)
-        if self.spatial:
-            pooling = self._window_pooling(height, width, dtype)
-            keys = (pooling @ keys.float()).to(dtype).reshape(crops * self.num_queries, -1, keys.shape[-1])
-            values = (pooling @ values.float()).to(dtype).reshape(crops * self.num_queries, -1, values.shape[-1])
-            queries = queries.repeat(crops, 1)[None]  # one query per (crop, window)
-        else:
-            queries = queries[:, None].expand(-1, crops, -1)
-        out = self.attn(queries, keys.transpose(0, 1), values.transpose(0, 1), need_weights=False)[0]
-        out = out.reshape(crops, self.num_queries, -1) if self.spatial else out.transpose(0, 1)
+        pool = (lambda x: self._pool_windows(x, height, width).to(dtype)) if self.spatial else None
+        out = self.attn(queries, values + key_pos, values, pool)
         return self.ln_post(out) @ self.proj
 
 
@@ -189,7 +235,11 @@ class LlavaUhdPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, LlavaUhdResampler):
+        if isinstance(module, LlavaUhdResamplerAttention):  # as `nn.MultiheadAttention` initialises itself
+            init.xavier_uniform_(module.in_proj_weight)
+            init.zeros_(module.in_proj_bias)
+            init.zeros_(module.out_proj.bias)
+        elif isinstance(module, LlavaUhdResampler):
             embed_dim = module.query.shape[-1]
             init.trunc_normal_(module.query, std=0.02)
             init.copy_(module.pos_embed, sincos_position_table(embed_dim, math.isqrt(module.num_queries)))
@@ -212,6 +262,15 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
+    def _encode_crops(self, images: torch.Tensor, num_layers: int) -> torch.Tensor:
+        """Same-shape crops `[crops, 3, height, width]` -> the vision tower's hidden states after `num_layers` encoder
+        layers (0: the embeddings), CLS dropped. Only the layers needed run, and no other hidden state is kept."""
+        vision = self.vision_tower
+        hidden = vision.pre_layrnorm(vision.embeddings(images, interpolate_pos_encoding=True))
+        for layer in vision.encoder.layers[:num_layers]:
+            hidden = layer(hidden, None)
+        return hidden[:, 1:]
+
     @can_return_tuple
     def get_image_features(
         self,
@@ -223,18 +282,27 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
     ) -> BaseModelOutputWithPooling:
         """Encode packed crops (see `LlavaUhdImageProcessor`) into `num_queries` tokens per crop.
 
-        Crops are grouped by patch grid: one vision-tower call (and one position-embedding interpolation) per distinct
-        shape. Returns `pooler_output`: one `[crops_of_image * num_queries, hidden]` tensor per image, crops in
-        schema order (slices row-major, then the overview).
+        Crops are grouped by patch grid: one vision-tower pass (and one position-embedding interpolation) per distinct
+        shape, through the layers up to `vision_feature_layer` only. Returns `pooler_output`: one
+        `[crops_of_image * num_queries, hidden]` tensor per image, crops in schema order (slices row-major, then the
+        overview).
         """
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        num_states = len(self.vision_tower.encoder.layers) + 1  # the embeddings, then every layer's output
+        if not -num_states <= layer < num_states:
+            raise ValueError(f"`vision_feature_layer` must be in [{-num_states}, {num_states - 1}], got {layer}.")
         grid_hw = image_grid_hw.tolist()
-        patch = self.config.vision_config.patch_size
         crop_lengths = [h * w for h, w in grid_hw]
         if sum(crop_lengths) != pixel_values.shape[0]:
             raise ValueError(
                 f"`pixel_values` has {pixel_values.shape[0]} patches but `image_grid_hw` describes {sum(crop_lengths)}."
             )
+        crops_per_image = [rows * cols + 1 for rows, cols in slice_grid.tolist()]
+        if sum(crops_per_image) != len(grid_hw):
+            raise ValueError(
+                f"`slice_grid` describes {sum(crops_per_image)} crops but `image_grid_hw` has {len(grid_hw)}."
+            )
+        patch = self.config.vision_config.patch_size
         crops = pixel_values.to(self.vision_tower.dtype).split(crop_lengths)
         groups: dict[tuple[int, int], list[int]] = {}
         for index, shape in enumerate(grid_hw):
@@ -244,19 +312,12 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
         for (height, width), indices in groups.items():
             images = torch.stack([crops[i] for i in indices]).view(len(indices), height, width, 3, patch, patch)
             images = images.permute(0, 3, 1, 4, 2, 5).reshape(len(indices), 3, height * patch, width * patch)
-            hidden = self.vision_tower(
-                pixel_values=images, interpolate_pos_encoding=True, output_hidden_states=True
-            ).hidden_states[layer][:, 1:]
+            hidden = self._encode_crops(images, layer % num_states)
             compressed = self.resampler(hidden, height, width)
             if tokens is None:
                 tokens = compressed.new_empty(len(grid_hw), *compressed.shape[1:])
             tokens[indices] = compressed
 
-        crops_per_image = [rows * cols + 1 for rows, cols in slice_grid.tolist()]
-        if sum(crops_per_image) != len(grid_hw):
-            raise ValueError(
-                f"`slice_grid` describes {sum(crops_per_image)} crops but `image_grid_hw` has {len(grid_hw)}."
-            )
         per_image = [t.flatten(0, 1) for t in tokens.split(crops_per_image)] if tokens is not None else []
         return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=per_image)
 

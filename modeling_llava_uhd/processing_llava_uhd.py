@@ -1,6 +1,5 @@
 """Processor for LLaVA-UHD: tokenizer + image processor + Vicuna v1 chat template."""
 
-import torch
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 

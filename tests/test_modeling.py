@@ -25,9 +25,13 @@ def _inputs(processor, images, texts=None, **kwargs):
 
 
 class CallCounter:
-    def __init__(self, module):
+    """Records the input shape of every vision-tower pass (each pass enters the first encoder layer once)."""
+
+    def __init__(self, vision_tower):
         self.shapes = []
-        module.register_forward_hook(lambda _m, args, kwargs, _o: self.shapes.append(tuple(kwargs["pixel_values"].shape)), with_kwargs=True)
+        vision_tower.encoder.layers[0].register_forward_hook(
+            lambda _m, args, _o: self.shapes.append(tuple(args[0].shape))
+        )
 
 
 def test_forward_shapes_and_image_features(model, processor):

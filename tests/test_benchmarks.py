@@ -1,0 +1,42 @@
+"""Every benchmark runs once on small inputs so that none of them can rot. These are smoke runs, not measurements."""
+
+import pytest
+import torch
+
+from benchmarks import flops, gpu, preprocess, vision
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_preprocess_runs_and_checks_identity():
+    results = preprocess.main(["--iterations", "1", "--images", "1", "--batch", "2"])
+    assert all("LlavaUhdImageProcessor" in seconds for seconds in results.values())
+
+
+def test_vision_runs_and_agrees():
+    seconds = vision.main(
+        ["--config", "tiny", "--images", "1", "--iterations", "1", "--device", "cpu", "--threads", "1"]
+    )
+    assert len(seconds) == 3
+
+
+def test_flops_table_counts():
+    rows = {row["name"].split(" (")[0]: row for row in flops.main(["--llm", "7b"])}
+    tokens = {name: row["tokens"] for name, row in rows.items()}
+    assert tokens == {"LLaVA-UHD paper": 7 * 64 + 6, "LLaVA-UHD release": 7 * 144 + 6, "LLaVA-1.5": 576,
+                      "LLaVA-NeXT anyres": 48 * 48 + 48 + 576}  # fmt: skip
+    assert all(row["vision"] > 0 and row["projector"] > 0 and row["llm"] > 0 for row in rows.values())
+
+
+def test_gpu_refuses_without_cuda_and_runs_tiny_on_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        gpu.main(["--device", "cuda"])
+    rows = gpu.main(["--device", "cpu", "--tiny", "--iterations", "1", "--new-tokens", "2", "--dtype", "float32",
+                     "--threads", "1"])  # fmt: skip
+    assert [row["name"] for row in rows] == ["LLaVA-UHD release", "LLaVA-1.5 (transformers)"]

@@ -1,0 +1,431 @@
+"""LlavaUhdImageProcessor: slice layouts against the reference, invariants, pixel layout, input kinds and errors."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from tiny import gradient, make_processor, photo
+
+from modeling_llava_uhd import LlavaUhdImageProcessor, SliceLayout
+
+REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "slice_layouts_reference.json").read_text())
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711])
+RAW = LlavaUhdImageProcessor(max_image_size=None)
+PRE = LlavaUhdImageProcessor()  # default: long side pre-resized to 1024, as the reference evaluation does
+SCHEMA = make_processor(num_queries=3)
+
+
+def _as_layout(entry: dict) -> tuple:
+    """A reference layout, (W, H) sizes and a (cols, rows) grid, as our (h, w) sizes and (rows, cols) grid."""
+    flip = lambda pair: None if pair is None else tuple(pair[::-1])  # noqa: E731
+    return flip(entry["overview"]), flip(entry["grid"]), flip(entry["slice"])
+
+
+def _ours(layout: SliceLayout) -> tuple:
+    return layout.overview_size, layout.grid, layout.slice_size
+
+
+def check_valid(layout: SliceLayout, max_slice_nums: int, patch: int = 14) -> None:
+    """What every layout guarantees, whatever the input size."""
+    sizes = [layout.overview_size] + ([layout.slice_size] if layout.grid else [])
+    assert all(side >= patch and side % patch == 0 for size in sizes for side in size), layout
+    assert (layout.grid is None) == (layout.slice_size is None)
+    if layout.grid is not None:
+        rows, cols = layout.grid
+        assert rows >= 1 and cols >= 1 and 2 <= rows * cols <= max_slice_nums, layout
+
+
+# ---------------------------------------------------------------------------------------------------- layouts
+
+
+def test_layouts_match_every_reference_entry():
+    compared = 0
+    for entry in REFERENCE:
+        height, width, limit = entry["height"], entry["width"], entry["max_slice_nums"]
+        raw = RAW.get_slice_layout(height, width, limit)
+        assert _ours(raw) == _as_layout(entry), entry
+        assert raw.image_size == (height, width) and raw.num_slices == entry["num_slices"]
+
+        pre = PRE.get_slice_layout(height, width, limit)
+        check_valid(pre, limit)
+        if "preresized_error" in entry:
+            # The reference asks PIL for a 0-pixel side and crashes; we keep that side at 1 pixel instead.
+            assert 0 in entry["preresized_size"]
+            assert pre.image_size[::-1] == tuple(max(side, 1) for side in entry["preresized_size"])
+        else:
+            assert pre.image_size[::-1] == tuple(entry["preresized_size"]), entry
+            assert _ours(pre) == _as_layout(entry["preresized"]), entry
+            compared += 1
+    assert compared == len(REFERENCE) - 146
+
+
+def test_reference_crashes_give_the_references_layout_of_the_one_pixel_side():
+    """Where the reference's pre-resize crashed (e.g. 1x1088 -> 0x1024), we give what it does for 1x1024."""
+    raw_entries = {(e["width"], e["height"], e["max_slice_nums"]): e for e in REFERENCE}
+    matched = 0
+    for entry in (e for e in REFERENCE if "preresized_error" in e):
+        layout = PRE.get_slice_layout(entry["height"], entry["width"], entry["max_slice_nums"])
+        reference = raw_entries.get((*layout.image_size[::-1], entry["max_slice_nums"]))
+        if reference is not None:
+            assert _ours(layout) == _as_layout(reference), entry
+            matched += 1
+    assert matched >= 90  # every max_slice_nums=7 entry: the dense grid holds 1x1024 and 1024x1
+
+
+def _pre_resized(width: int, height: int, max_size: int = 1024) -> tuple[int, int]:
+    """REFERENCE.md's long-side resize, with a zero side kept at 1 pixel."""
+    if width > height:
+        return max_size, max(int((max_size / width) * height), 1)
+    return max(int((max_size / height) * width), 1), max_size
+
+
+def _ideal_sides(width: float, height: float, scale: int) -> tuple[float, float, float]:
+    """Exact aspect-preserving (h*, w*) of area scale**2 for a width x height region, and its ratio r = w / h."""
+    ratio = width / height
+    return scale / math.sqrt(ratio), scale * math.sqrt(ratio), ratio
+
+
+def _check_crop_size(size: tuple[int, int], width: float, height: float, scale: int, patch: int) -> None:
+    """The bound `best_resize` guarantees: h = floor_P(int(h*)), w = floor_P(int(int(h*) * r)), each at least P.
+
+    So h* - P < h <= max(h*, P) and w* - r - P < w <= max(w*, P) (the width also loses up to r, as the truncated
+    height is multiplied by r): the area is at most scale**2 unless a side was clamped up to P, and close to it for
+    moderate aspect ratios, e.g. > (scale - P) * (scale - 1 - P) for a square region.
+    """
+    ideal_h, ideal_w, ratio = _ideal_sides(width, height, scale)
+    h, w = size
+    eps = 1e-6 * (ideal_h + ideal_w)
+    assert ideal_h - patch < h <= max(ideal_h, patch) + eps, (size, ideal_h)
+    assert ideal_w - ratio - patch < w <= max(ideal_w, patch) + eps, (size, ideal_w, ratio)
+    if min(ideal_h, ideal_w) >= patch:
+        assert h * w <= scale * scale
+
+
+@settings(max_examples=1000, deadline=None, database=None)
+@given(
+    width=st.one_of(st.integers(1, 3000), st.integers(1, 60000)),
+    height=st.one_of(st.integers(1, 3000), st.integers(1, 60000)),
+    max_slice_nums=st.integers(1, 12),
+    geometry=st.sampled_from([(336, 14), (224, 16), (448, 14)]),
+    max_image_size=st.sampled_from([None, 1024, 700]),
+)
+def test_layout_properties(width, height, max_slice_nums, geometry, max_image_size):
+    scale, patch = geometry
+    processor = LlavaUhdImageProcessor(scale_resolution=scale, patch_size=patch, max_image_size=max_image_size)
+    layout = processor.get_slice_layout(height, width, max_slice_nums)
+    check_valid(layout, max_slice_nums, patch)
+
+    image_w, image_h = (width, height) if max_image_size is None else _pre_resized(width, height, max_image_size)
+    assert layout.image_size == (image_h, image_w)
+    multiple = min(math.ceil(image_w * image_h / scale**2), max_slice_nums)
+    assert (layout.grid is None) == (multiple <= 1)
+    _check_crop_size(layout.overview_size, image_w, image_h, scale, patch)
+
+    tokens = SCHEMA.image_token_ids(*(layout.grid or (0, 0)))
+    assert len(tokens) == layout.num_crops * SCHEMA.num_queries + layout.num_slices
+    if layout.grid is None:
+        return
+    rows, cols = layout.grid
+    # Grid: the count is one of multiple-1..multiple+1, and no candidate grid fits the aspect ratio better.
+    assert rows * cols in (multiple - 1, multiple, multiple + 1)
+    error = lambda c, r: abs(math.log(image_w / image_h) - math.log(c / r))  # noqa: E731
+    candidates = [
+        (c, n // c) for n in (multiple - 1, multiple, multiple + 1) if 2 <= n <= max_slice_nums
+        for c in range(1, n + 1) if n % c == 0
+    ]
+    assert error(cols, rows) <= min(error(c, r) for c, r in candidates)
+    assert (cols - rows) * (image_w - image_h) >= 0  # a wide image never gets more rows than columns
+    # Every slice is `best_resize` of one grid cell of the image (its sides first floored to multiples of the grid).
+    cell_w = max(image_w // cols * cols, cols) / cols
+    cell_h = max(image_h // rows * rows, rows) / rows
+    _check_crop_size(layout.slice_size, cell_w, cell_h, scale, patch)
+
+
+# --------------------------------------------------------------------------------------------- extreme sizes
+
+
+@pytest.mark.parametrize("max_image_size", [None, 1024])
+@pytest.mark.parametrize(
+    "width, height", [(1, 1), (14, 14), (13, 13), (336, 336), (20000, 20), (20, 20000), (60000, 2), (2, 60000)]
+)
+def test_extreme_sizes_process_end_to_end(width: int, height: int, max_image_size: int | None):
+    processor = make_processor(num_queries=4, max_image_size=max_image_size)
+    layout = processor.image_processor.get_slice_layout(height, width)
+    check_valid(layout, 7)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    out = processor(images=image, text="<image>", return_tensors="pt")
+    grid = out["slice_grid"][0].tolist()
+    assert grid == list(layout.grid or (0, 0))
+    crops = [layout.slice_size] * layout.num_slices + [layout.overview_size]
+    assert out["image_grid_hw"].tolist() == [[h // 14, w // 14] for h, w in crops]
+    assert out["pixel_values"].shape == (int(out["image_grid_hw"].prod(-1).sum()), 3 * 14 * 14)
+    assert torch.isfinite(out["pixel_values"]).all()
+    ids = out["input_ids"][0].tolist()
+    assert ids[1:] == processor.image_token_ids(*grid)  # after BOS
+    assert ids.count(processor.image_token_id) == layout.num_crops * 4
+    assert len(ids) - 1 == layout.num_crops * 4 + layout.num_slices
+
+
+# ---------------------------------------------------------------------------------------------- pixel layout
+
+
+def unpack_crops(pixel_values: torch.Tensor, grid_hw: torch.Tensor, patch: int = 14) -> list[torch.Tensor]:
+    """Packed `[patches, 3 * patch**2]` back to one `[3, h, w]` image per crop."""
+    crops, start = [], 0
+    for gh, gw in grid_hw.tolist():
+        block = pixel_values[start : start + gh * gw].reshape(gh, gw, 3, patch, patch)
+        crops.append(block.permute(2, 0, 3, 1, 4).reshape(3, gh * patch, gw * patch))
+        start += gh * gw
+    assert start == len(pixel_values)
+    return crops
+
+
+def expected_crops(image: Image.Image, layout: SliceLayout) -> list[torch.Tensor]:
+    """Independent re-derivation with PIL: resize, cut row-major, overview last, CLIP-normalise in float64."""
+    height, width = layout.image_size
+    image = image.resize((width, height), Image.Resampling.BICUBIC)
+    crops = []
+    if layout.grid is not None:
+        (rows, cols), (sh, sw) = layout.grid, layout.slice_size
+        refined = image.resize((sw * cols, sh * rows), Image.Resampling.BICUBIC)
+        crops += [refined.crop((c * sw, r * sh, (c + 1) * sw, (r + 1) * sh)) for r in range(rows) for c in range(cols)]
+    crops.append(image.resize(layout.overview_size[::-1], Image.Resampling.BICUBIC))
+    normalised = [(np.asarray(crop, dtype=np.float64) / 255 - CLIP_MEAN) / CLIP_STD for crop in crops]
+    return [torch.from_numpy(array.transpose(2, 0, 1).astype(np.float32)) for array in normalised]
+
+
+CASES = [  # (image, max_image_size, expected layout): layouts from REFERENCE.md and the reference fixtures
+    (lambda: photo("astronaut", (1088, 672)), None, SliceLayout((672, 1088), (252, 420), (2, 3), (322, 336))),
+    (lambda: photo("coffee"), 1024, SliceLayout((682, 1024), (266, 406), (2, 3), (336, 336))),
+    (lambda: photo("chelsea", (300, 200)), None, SliceLayout((200, 300), (266, 406), None, None)),
+    (lambda: gradient(200, 700), None, SliceLayout((700, 200), (616, 168), (3, 1), (350, 308))),
+]
+
+
+def test_pixel_values_round_trip_to_pil_crops():
+    images = [make() for make, _, _ in CASES]
+    for (_, max_image_size, layout), image in zip(CASES, images):
+        processor = LlavaUhdImageProcessor(max_image_size=max_image_size)
+        assert processor.get_slice_layout(image.height, image.width) == layout
+        out = processor(image)
+        assert out["slice_grid"].tolist() == [list(layout.grid or (0, 0))]
+        crops = unpack_crops(out["pixel_values"], out["image_grid_hw"])
+        expected = expected_crops(image, layout)
+        assert [tuple(c.shape) for c in crops] == [tuple(e.shape) for e in expected]
+        for crop, reference in zip(crops, expected):
+            torch.testing.assert_close(crop, reference, atol=1e-6, rtol=0)  # a few float32 ulps of |x| <= 2.2
+
+    # A batch is the concatenation of the single images, in order.
+    processor = LlavaUhdImageProcessor(max_image_size=None)
+    batch = processor(images[::-1])
+    singles = [processor(image) for image in images[::-1]]
+    for key in ("pixel_values", "image_grid_hw", "slice_grid"):
+        assert torch.equal(batch[key], torch.cat([single[key] for single in singles]))
+
+
+# ---------------------------------------------------------------------------------------------- input kinds
+
+BASE = np.asarray(gradient(45, 31))  # not square, so HWC / CHW mix-ups change the result
+RGB = Image.fromarray(BASE)
+GRAY = RGB.convert("L")
+WIDE = (np.arange(31 * 45) * 47 % 65536).astype(np.uint16).reshape(31, 45)  # a 16-bit grey ramp
+WIDE_AS_RGB = Image.fromarray(np.rint(WIDE / 257).astype(np.uint8)).convert("RGB")  # scaled, not clipped, to 8 bits
+
+
+def _saved(tmp_path: Path, image: Image.Image, name: str) -> Path:
+    image.save(tmp_path / name)
+    return tmp_path / name
+
+
+INPUT_KINDS = {  # name: (make the input, make the equivalent RGB PIL image)
+    "pil_rgb": (lambda p: RGB, lambda: RGB),
+    "numpy_hwc_uint8": (lambda p: BASE, lambda: RGB),
+    "numpy_chw_uint8": (lambda p: BASE.transpose(2, 0, 1), lambda: RGB),
+    "numpy_hwc_float64": (lambda p: np.clip(BASE - 0.4, 0, None) / 255.0, lambda: RGB),  # rounded to nearest
+    "numpy_chw_float32": (lambda p: (BASE / 255.0).astype(np.float32).transpose(2, 0, 1), lambda: RGB),
+    "numpy_uint16": (lambda p: BASE.astype(np.uint16) * 257, lambda: RGB),
+    "numpy_rgba": (lambda p: np.dstack([BASE, np.full(BASE.shape[:2], 7, np.uint8)]), lambda: RGB),
+    "numpy_gray_2d": (lambda p: np.asarray(GRAY), lambda: GRAY.convert("RGB")),
+    "numpy_gray_hw1": (lambda p: np.asarray(GRAY)[..., None], lambda: GRAY.convert("RGB")),
+    "numpy_gray_1hw": (lambda p: np.asarray(GRAY)[None], lambda: GRAY.convert("RGB")),
+    "numpy_bool": (lambda p: np.asarray(GRAY) > 128, lambda: GRAY.point(lambda v: 255 * (v > 128)).convert("RGB")),
+    "numpy_uint16_gray": (lambda p: WIDE, lambda: WIDE_AS_RGB),
+    "torch_hwc_uint8": (lambda p: torch.from_numpy(BASE.copy()), lambda: RGB),
+    "torch_chw_float": (lambda p: torch.from_numpy(BASE.copy()).permute(2, 0, 1).float() / 255, lambda: RGB),
+    "path_str": (lambda p: str(_saved(p, RGB, "a.png")), lambda: RGB),
+    "pathlike": (lambda p: _saved(p, RGB, "a.png"), lambda: RGB),
+    "mode_L": (lambda p: GRAY, lambda: GRAY.convert("RGB")),
+    "mode_RGBA": (lambda p: RGB.convert("RGBA"), lambda: RGB),
+    "mode_P": (lambda p: RGB.quantize(64), lambda: RGB.quantize(64).convert("RGB")),
+    "mode_CMYK": (lambda p: RGB.convert("CMYK"), lambda: RGB.convert("CMYK").convert("RGB")),
+    "mode_I;16": (lambda p: Image.fromarray(WIDE), lambda: WIDE_AS_RGB),
+    "file_I;16_png": (lambda p: _saved(p, Image.fromarray(WIDE), "wide.png"), lambda: WIDE_AS_RGB),
+    "file_P_gif": (lambda p: _saved(p, RGB.quantize(64), "a.gif"), lambda: RGB.quantize(64).convert("RGB")),
+}
+
+
+@pytest.mark.parametrize("kind", INPUT_KINDS)
+def test_input_kinds_match_their_rgb_image(kind: str, tmp_path: Path):
+    make_input, make_reference = INPUT_KINDS[kind]
+    out, reference = RAW(make_input(tmp_path)), RAW(make_reference())
+    assert out["image_grid_hw"].tolist() == reference["image_grid_hw"].tolist() == [[19, 28]]
+    assert torch.equal(out["pixel_values"], reference["pixel_values"]), kind
+
+
+def test_bfloat16_tensor_is_read_as_its_float32_values():
+    tensor = (torch.from_numpy(BASE.copy()).permute(2, 0, 1) > 100).to(torch.bfloat16)  # 0/1: exact in bfloat16
+    assert torch.equal(RAW(tensor)["pixel_values"], RAW(tensor.float())["pixel_values"])
+
+
+def test_lists_overrides_and_options():
+    a, b, c = gradient(500, 400, seed=1), gradient(90, 60, seed=2), gradient(1200, 300, seed=3)
+    flat, nested = PRE([a, b, c]), PRE([[a], [b, c]])
+    assert all(torch.equal(flat[key], nested[key]) for key in flat)
+    assert flat["slice_grid"].shape == (3, 2)
+    assert torch.equal(PRE((a, b))["pixel_values"], PRE([a, b])["pixel_values"])
+
+    # `max_slice_nums` per call is a budget for that call only.
+    assert PRE(a, max_slice_nums=1)["slice_grid"].tolist() == [[0, 0]]
+    assert PRE(a, max_slice_nums=2)["slice_grid"].tolist() == [[1, 2]]
+    assert PRE(a)["slice_grid"].tolist() == [[2, 3]] and PRE.max_slice_nums == 7
+    assert torch.equal(
+        PRE(a, max_slice_nums=3)["pixel_values"], LlavaUhdImageProcessor(max_slice_nums=3)(a)["pixel_values"]
+    )
+    # No pre-resize: the image is sliced at its own size (500x400: 2 slices instead of 6).
+    assert RAW(a)["slice_grid"].tolist() == [[1, 2]]
+    assert RAW(a)["image_grid_hw"].tolist() == [[30, 18], [30, 18], [21, 26]]
+
+    assert RAW([])["pixel_values"].shape == (0, 588) and RAW([])["slice_grid"].shape == (0, 2)
+    assert RAW(a, return_tensors=None)["pixel_values"].dtype == torch.float32
+    with pytest.raises(ValueError, match="return_tensors"):
+        RAW(a, return_tensors="np")
+    with pytest.raises(TypeError, match="do_resize"):
+        RAW(a, do_resize=False)
+    with pytest.raises(ValueError, match="`max_slice_nums` must be a positive integer, got 0"):
+        RAW(a, max_slice_nums=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_slice_nums": 0}, "`max_slice_nums` must be a positive integer, got 0"),
+        ({"max_slice_nums": True}, "`max_slice_nums` must be a positive integer, got True"),
+        ({"patch_size": 14.0}, "`patch_size` must be a positive integer, got 14.0"),
+        ({"scale_resolution": -336}, "`scale_resolution` must be a positive integer"),
+        ({"max_image_size": 0}, "`max_image_size` must be a positive integer"),
+    ],
+)
+def test_bad_settings(kwargs: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        LlavaUhdImageProcessor(**kwargs)
+
+
+def test_bad_layout_arguments():
+    with pytest.raises(ValueError, match="`height` must be a positive integer, got 0"):
+        RAW.get_slice_layout(0, 10)
+    with pytest.raises(ValueError, match="`width` must be a positive integer, got 2.5"):
+        RAW.get_slice_layout(10, 2.5)
+
+
+# --------------------------------------------------------------------------------------------------- errors
+
+
+def _write(tmp_path: Path, name: str, data: bytes) -> Path:
+    (tmp_path / name).write_bytes(data)
+    return tmp_path / name
+
+
+def _truncated_png(tmp_path: Path) -> Path:
+    gradient(64, 64).save(tmp_path / "full.png")
+    return _write(tmp_path, "cut.png", (tmp_path / "full.png").read_bytes()[:400])
+
+
+BAD_INPUTS = {  # name: (make the input, exception, message after "images[1]")
+    "corrupt_file": (lambda p: _write(p, "a.png", b"junk"), ValueError, r": '.*a.png' is not a readable image"),
+    "empty_file": (lambda p: _write(p, "b.jpg", b""), ValueError, r": '.*b.jpg' is not a readable image"),
+    "truncated_file": (_truncated_png, ValueError, r" could not be decoded \(corrupt or truncated image data\)"),
+    "missing_file": (lambda p: p / "c.png", FileNotFoundError, r": no image file at '.*c.png'"),
+    "directory": (lambda p: p, ValueError, r": '.*' is not a readable image"),
+    "zero_size_array": (lambda p: np.zeros((0, 5, 3), np.uint8), ValueError, r" is empty: shape \(0, 5, 3\)"),
+    "zero_size_image": (lambda p: Image.new("RGB", (0, 3)), ValueError, r" is empty: 0x3 pixels"),
+    "4d_array": (lambda p: np.zeros((1, 5, 5, 3), np.uint8), ValueError, r" must be an array of shape .*5, 3\)"),
+    "1d_array": (lambda p: np.zeros(5, np.uint8), ValueError, r" must be an array of shape .*got \(5,\)"),
+    "two_channels": (lambda p: np.zeros((5, 5, 2), np.uint8), ValueError, r" must be an array of shape .*\(5, 5, 2\)"),
+    "int64_array": (lambda p: np.zeros((5, 5, 3), np.int64), ValueError, r" has dtype int64; expected uint8"),
+    "float_255": (lambda p: np.full((5, 5, 3), 255.0), ValueError, r" is a float array; expected .*1\], got .*255"),
+    "float_nan": (lambda p: np.full((5, 5), np.nan), ValueError, r" is a float array; expected values in \[0, 1\]"),
+    "int": (lambda p: 7, TypeError, r" must be a PIL image, a numpy array, a torch tensor or a path, got int"),
+    "bytes": (lambda p: b"\x89PNG", TypeError, r" must be a PIL image, .*got bytes"),
+    "none": (lambda p: None, TypeError, r" must be a PIL image, .*got NoneType"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")
+@pytest.mark.parametrize("kind", BAD_INPUTS)
+def test_bad_inputs_name_the_image(kind: str, tmp_path: Path):
+    make_input, error, message = BAD_INPUTS[kind]
+    good = gradient(30, 20)
+    images = [good, make_input(tmp_path)]
+    with pytest.raises(error, match=r"^images\[1\]" + message):
+        RAW(images)
+    with pytest.raises(error, match=r"^images\[3\]"):
+        RAW([[good], [good, good, images[1]]])  # the index counts through nested lists
+
+
+def test_a_bad_image_leaves_nothing_half_done(tmp_path: Path):
+    good, palette = gradient(500, 300), gradient(40, 30).quantize(16)
+    settings_before = PRE.to_dict()
+    before = PRE([good, palette])
+    corrupt = _write(tmp_path, "bad.png", b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(ValueError, match=r"^images\[2\]"):
+        PRE([good, palette, corrupt])
+    # Inputs and settings untouched, and the next call gives exactly what it gave before.
+    assert palette.mode == "P" and good.size == (500, 300)
+    assert PRE.to_dict() == settings_before
+    after = PRE([good, palette])
+    assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+def test_decompression_bombs_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Files are opened with PIL's pixel limit: above twice `Image.MAX_IMAGE_PIXELS` a clear error, not a hang."""
+    path = _saved(tmp_path, Image.new("L", (100, 100)), "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4_000)
+    with pytest.raises(ValueError, match=r"^images\[0\]: '.*bomb.png' is not a readable image: .*decompression bomb"):
+        RAW(path)
+    with pytest.warns(Image.DecompressionBombWarning):
+        RAW(_saved(tmp_path, Image.new("L", (80, 80)), "big.png"))  # between 1x and 2x the limit: a warning
+    # PIL checks the limit when it opens a file; an image already in memory is processed.
+    assert PRE(Image.new("L", (100, 100)))["slice_grid"].tolist() == [[2, 3]]
+
+
+# ------------------------------------------------------------------------------------------------ save / load
+
+
+def test_save_and_load_keep_every_setting(tmp_path: Path):
+    processor = LlavaUhdImageProcessor(
+        max_slice_nums=4,
+        scale_resolution=224,
+        patch_size=16,
+        max_image_size=None,
+        rescale_factor=1 / 256,
+        image_mean=(0.5, 0.25, 0.125),
+        image_std=(0.2, 0.3, 0.4),
+    )
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["max_image_size"] is None and saved["max_slice_nums"] == 4 and saved["patch_size"] == 16
+    reloaded = LlavaUhdImageProcessor.from_pretrained(tmp_path)
+    for name in ("max_slice_nums", "scale_resolution", "patch_size", "max_image_size", "rescale_factor"):
+        assert getattr(reloaded, name) == getattr(processor, name), name
+    assert reloaded.image_mean == processor.image_mean and reloaded.image_std == processor.image_std
+    image = gradient(700, 300)
+    out, again = processor(image), reloaded(image)
+    assert out["pixel_values"].shape[1] == 3 * 16 * 16 and out["slice_grid"].prod() <= 4
+    assert all(torch.equal(out[key], again[key]) for key in out)

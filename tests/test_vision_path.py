@@ -1,0 +1,95 @@
+"""The grouped vision path (vision tower up to the feature layer, resampler) equals the stock computation."""
+
+import pytest
+import torch
+from tiny import make_model, make_processor, photo
+
+from modeling_llava_uhd.modeling_llava_uhd import (
+    LlavaUhdResamplerAttention,
+    best_pooling_size,
+    roi_align_matrix,
+    window_boxes,
+)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    images = [photo("astronaut", (1088, 672)), photo("coffee"), photo("camera", (300, 900))]
+    return make_processor().image_processor(images)
+
+
+def stock_features(model, inputs, layer: int = -2) -> torch.Tensor:
+    """Every crop through transformers' own CLIP forward (all layers, interpolated positions), then the resampler."""
+    inner, patch = model.model, model.config.vision_config.patch_size
+    grid = inputs["image_grid_hw"].tolist()
+    tokens = []
+    for pixels, (height, width) in zip(inputs["pixel_values"].split([h * w for h, w in grid]), grid):
+        image = pixels.view(1, height, width, 3, patch, patch).permute(0, 3, 1, 4, 2, 5)
+        image = image.reshape(1, 3, height * patch, width * patch)
+        states = inner.vision_tower(pixel_values=image, interpolate_pos_encoding=True, output_hidden_states=True)
+        tokens.append(inner.resampler(states.hidden_states[layer][:, 1:], height, width))
+    return torch.cat(tokens)
+
+
+def features(model, inputs, **kwargs) -> torch.Tensor:
+    return model.get_image_features(**inputs, **kwargs).last_hidden_state
+
+
+@pytest.mark.parametrize("projector_type", ["spatial_resampler", "resampler"])
+@pytest.mark.parametrize("layer", [-2, -1, 0, 1])
+def test_matches_the_stock_vision_tower(inputs, projector_type, layer):
+    model = make_model(projector_type)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            features(model, inputs, vision_feature_layer=layer),
+            stock_features(model, inputs, layer),
+            atol=1e-5,
+            rtol=1e-5,
+        )
+
+
+def test_runs_only_the_layers_it_needs(inputs):
+    model = make_model()
+    layers = model.model.vision_tower.encoder.layers
+    calls = [0] * len(layers)
+    for index, layer in enumerate(layers):
+        layer.register_forward_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
+    with torch.no_grad():
+        features(model, inputs)
+    shapes = len({tuple(s) for s in inputs["image_grid_hw"].tolist()})
+    assert calls == [shapes] * (len(layers) - 1) + [0]  # layer -2's output is the last one computed
+    with pytest.raises(ValueError, match="vision_feature_layer"):
+        features(model, inputs, vision_feature_layer=len(layers) + 1)
+
+
+@pytest.mark.parametrize("height,width", [(24, 24), (23, 24), (18, 30), (3, 151), (151, 3), (10, 10), (1, 1)])
+def test_separable_window_pooling_is_roi_align(height, width):
+    resampler = make_model().model.resampler
+    x = torch.randn(2, height * width, 8)
+    boxes = window_boxes(height, width, resampler.num_queries)
+    dense = roi_align_matrix(boxes, height, width, *best_pooling_size(height, width)) @ x
+    pooled = resampler._pool_windows(x, height, width)
+    torch.testing.assert_close(pooled.flatten(1, 2), dense, atol=1e-6, rtol=1e-6)
+
+
+def test_resampler_attention_is_multihead_attention():
+    torch.manual_seed(0)
+    ours, torch_attention = LlavaUhdResamplerAttention(16, 4), torch.nn.MultiheadAttention(16, 4)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {
+        k: v.shape for k, v in torch_attention.state_dict().items()
+    }
+    ours.load_state_dict(torch_attention.state_dict())
+    queries, keys, values = torch.randn(5, 16), torch.randn(3, 7, 16), torch.randn(3, 7, 16)
+    expected = torch_attention(
+        queries[:, None].expand(-1, 3, -1), keys.transpose(0, 1), values.transpose(0, 1), need_weights=False
+    )[0]
+    torch.testing.assert_close(ours(queries, keys, values), expected.transpose(0, 1), atol=1e-6, rtol=1e-5)
+
+
+def test_constants_from_inference_mode_are_not_reused_by_autograd(inputs):
+    model = make_model()
+    with torch.inference_mode():
+        features(model, inputs)
+    model.train()
+    features(model, inputs).sum().backward()
+    assert model.model.resampler.query.grad.abs().sum() > 0
