@@ -1,0 +1,173 @@
+"""Batches for `SFTTrainer`: TRL's vision-language collator with LLaVA-UHD's training formats and bad-row handling."""
+
+import copy
+import io
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from datasets import Dataset
+from jinja2.exceptions import TemplateError
+from PIL import Image
+from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+from modeling_llava_uhd import LlavaUhdProcessor
+
+from .llava_format import BadRowError, OnBadRow
+
+logger = logging.getLogger(__name__)
+
+# Stage 1 ("plain" in the reference): `<image>` then the caption then "\n"; the human's text is dropped and the loss
+# covers the caption and its "\n". Contents are lists of typed items (TRL structures them before rendering). TRL
+# tokenizes without special tokens, so the template writes the BOS itself.
+PLAIN_CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{%- for item in message['content'] if item['type'] == 'image' -%}{{ '<image>' }}{%- endfor -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- generation -%}"
+    "{%- for item in message['content'] if item['type'] == 'text' -%}{{ item['text'] }}{%- endfor -%}{{ '\\n' }}"
+    "{%- endgeneration -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+ChatFormat = Literal["plain", "chat"]
+_IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+_COLLATE_ERRORS = (ValueError, TemplateError)
+
+
+def training_chat_template(processor: LlavaUhdProcessor, chat_format: ChatFormat) -> str:
+    """The template a training batch is rendered with: stage 1's `"plain"` format, or the processor's own chat template
+    (`"chat"`, Vicuna v1) preceded by the BOS that the reference starts every sample with."""
+    if chat_format == "plain":
+        return PLAIN_CHAT_TEMPLATE
+    if chat_format == "chat":
+        return "{{- bos_token -}}" + processor.chat_template
+    raise ValueError(f"`chat_format` must be 'plain' or 'chat', got {chat_format!r}.")
+
+
+def open_image(image: Any) -> Image.Image:
+    """Decode a path, an undecoded `datasets` image (`{"bytes", "path"}`) or a PIL image completely, so that a missing,
+    corrupt or truncated file fails here."""
+    if isinstance(image, dict):
+        image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+    if not isinstance(image, Image.Image):
+        image = Image.open(image)
+    image.load()
+    return image
+
+
+@dataclass
+class LlavaUhdDataCollator:
+    """
+    TRL's [`DataCollatorForVisionLanguageModeling`] made safe for long runs on large LLaVA-format datasets.
+
+    Rows hold image paths (or undecoded images); they are opened here, in the data-loader workers, when a batch is
+    built. A row that cannot be used (an image that does not decode, image tokens that would not fit in
+    `max_length`, placeholders that do not match its images) raises a [`BadRowError`] naming it
+    (`on_bad_row="error"`), or is replaced by a random usable row of `dataset` with a warning that counts the
+    replacements of this worker (`"skip"`), so the batch keeps its size and training its course. Labels are -100 on
+    image tokens whatever the loss mode.
+
+    Args:
+        collator: TRL's collator, built with the processor and chat template of the training stage.
+        dataset: the dataset replacement rows are drawn from (required by `on_bad_row="skip"`).
+        on_bad_row: `"skip"` or `"error"`.
+        seed: seed of the replacement draws.
+        max_replacements: draws for one row before giving up (a dataset of bad rows).
+    """
+
+    collator: DataCollatorForVisionLanguageModeling
+    dataset: Dataset | None = None
+    on_bad_row: OnBadRow = "skip"
+    seed: int = 0
+    max_replacements: int = 100
+    num_replaced: int = field(default=0, init=False)
+
+    def __post_init__(self):
+        if self.on_bad_row not in ("skip", "error"):
+            raise ValueError(f"`on_bad_row` must be 'skip' or 'error', got {self.on_bad_row!r}.")
+        if self.on_bad_row == "skip" and self.dataset is None:
+            raise ValueError("`on_bad_row='skip'` needs the `dataset` that replacement rows are drawn from.")
+        self._rng = random.Random(self.seed)
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        rows = [self._usable(example, alone=False) for example in examples]
+        try:
+            batch = self.collator(rows)
+        except _COLLATE_ERRORS:
+            # Some row cannot be processed (e.g. its image tokens do not fit in `max_length`): find it and replace it.
+            # A failure that no single row causes is raised again by the second call.
+            rows = [self._usable(row, alone=True) for row in rows]
+            batch = self.collator(rows)
+        batch["labels"][batch["input_ids"] == self.collator.processor.image_token_id] = -100
+        return batch
+
+    def _usable(self, example: dict[str, Any], alone: bool) -> dict[str, Any]:
+        """`example` with its images decoded, or a replacement; `alone` also collates it on its own as a check."""
+        for _ in range(self.max_replacements):
+            row_id = str(example.get("id", "?"))
+            try:
+                row = self._with_images(example)
+            except _IMAGE_ERRORS as error:
+                failure = BadRowError(row_id, "unreadable image", f": {error}")
+            else:
+                if not alone:
+                    return row
+                try:
+                    self.collator([row])
+                    return row
+                except _COLLATE_ERRORS as error:
+                    failure = BadRowError(row_id, "cannot be collated", f": {error}")
+            if self.on_bad_row == "error":
+                raise failure
+            self.num_replaced += 1
+            logger.warning(f"{failure} Replaced by a random row ({self.num_replaced} replaced so far in this worker).")
+            example = self.dataset[self._rng.randrange(len(self.dataset))]
+        raise RuntimeError(f"{self.max_replacements} rows drawn in a row were unusable; check the dataset.")
+
+    @staticmethod
+    def _with_images(example: dict[str, Any]) -> dict[str, Any]:
+        images = example.get("images")
+        if images is None:
+            images = [] if example.get("image") is None else [example["image"]]
+        row = {key: value for key, value in example.items() if key != "image"}
+        row["images"] = [open_image(image) for image in images]
+        return row
+
+
+def make_collator(
+    processor: LlavaUhdProcessor,
+    chat_format: ChatFormat = "chat",
+    max_length: int | None = None,
+    max_slice_nums: int | None = None,
+    max_image_size: int | None = None,
+    assistant_only_loss: bool = True,
+    pad_to_multiple_of: int | None = None,
+    dataset: Dataset | None = None,
+    on_bad_row: OnBadRow = "skip",
+    seed: int = 0,
+) -> LlavaUhdDataCollator:
+    """The collator of a training stage.
+
+    It works on a copy of `processor`, so the processor saved with the model keeps its inference settings:
+    `max_slice_nums` (1: overview only, stage 1) and `max_image_size` (the long-side pre-resize of the reference's
+    evaluation, which its training skipped: `None`) apply to training batches only.
+    """
+    processor = copy.deepcopy(processor)
+    if max_slice_nums is not None:
+        processor.image_processor.max_slice_nums = max_slice_nums
+    processor.image_processor.max_image_size = max_image_size
+    collator = DataCollatorForVisionLanguageModeling(
+        processor=processor,
+        max_length=max_length,
+        pad_to_multiple_of=pad_to_multiple_of,
+        assistant_only_loss=assistant_only_loss,
+        chat_template=training_chat_template(processor, chat_format),
+    )
+    return LlavaUhdDataCollator(collator, dataset=dataset, on_bad_row=on_bad_row, seed=seed)
+
+
+__all__ = ["PLAIN_CHAT_TEMPLATE", "LlavaUhdDataCollator", "make_collator", "open_image", "training_chat_template"]
