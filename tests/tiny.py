@@ -4,7 +4,6 @@ import numpy as np
 import torch
 from PIL import Image
 from skimage import data
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from modeling_llava_uhd import (
@@ -13,8 +12,8 @@ from modeling_llava_uhd import (
     LlavaUhdImageProcessor,
     LlavaUhdProcessor,
 )
+from training.tokenizer import SPECIAL_TOKENS, train_tokenizer
 
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 CORPUS = [
     "A chat between a curious user and an artificial intelligence assistant.",
     "The assistant gives helpful, detailed, and polite answers to the user's questions.",
@@ -25,24 +24,7 @@ CORPUS = [
 
 
 def make_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(CORPUS * 4, trainer=trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens=["<image>"],
-    )
+    return train_tokenizer(CORPUS * 4, vocab_size)
 
 
 def make_config(
