@@ -102,8 +102,10 @@ def make_sample(split: str, index: int) -> DetailSample:
     left, top = int(rng.integers(0, width - panel_w - 2 * frame)), int(rng.integers(0, height - panel_h - 2 * frame))
     dark, light = rng.integers(0, 90, size=3), rng.integers(170, 256, size=3)
     box = (left, top, left + panel_w + 2 * frame, top + panel_h + 2 * frame)
-    ImageDraw.Draw(image).rectangle((*box[:2], box[2] - 1, box[3] - 1), fill=tuple(rng.integers(0, 60, size=3).tolist()))
-    image.paste(Image.fromarray(_pattern(pattern, (panel_h, panel_w), period, dark, light), "RGB"), (left + frame, top + frame))
+    frame_colour = tuple(rng.integers(0, 60, size=3).tolist())
+    ImageDraw.Draw(image).rectangle((*box[:2], box[2] - 1, box[3] - 1), fill=frame_colour)
+    panel = _pattern(pattern, (panel_h, panel_w), period, dark, light)
+    image.paste(Image.fromarray(panel, "RGB"), (left + frame, top + frame))
     question = QUESTIONS[rng.integers(len(QUESTIONS))]
     return DetailSample(image, question, pattern, box)
 
@@ -117,17 +119,28 @@ def llava_row(split: str, index: int, sample: DetailSample) -> dict:
     return {"id": f"{split}-{index:05d}", "image": f"{split}/{index:05d}.png", "conversations": conversations}
 
 
-def write_split(folder: str | os.PathLike, split: str, count: int, start: int = 0) -> str:
-    """Write samples `start .. start + count - 1` of `split` as PNGs under `folder/split/` and their LLaVA-format
-    rows as `folder/split.json`; returns the JSON's path. Images already written are kept."""
+def write_images(folder: str | os.PathLike, split: str, start: int, stop: int) -> list[dict]:
+    """Write samples `start .. stop - 1` of `split` as PNGs under `folder/split/` (images already there are kept) and
+    return their LLaVA-format rows."""
     os.makedirs(os.path.join(folder, split), exist_ok=True)
     rows = []
-    for index in range(start, start + count):
+    for index in range(start, stop):
         sample = make_sample(split, index)
         path = os.path.join(folder, split, f"{index:05d}.png")
         if not os.path.exists(path):
             sample.image.save(path, compress_level=1)
         rows.append(llava_row(split, index, sample))
+    return rows
+
+
+def write_split(folder: str | os.PathLike, split: str, count: int) -> str:
+    """Write the first `count` samples of `split` (`write_images`) and their rows as `folder/split.json`; returns the
+    JSON's path."""
+    return write_rows(folder, split, write_images(folder, split, 0, count))
+
+
+def write_rows(folder: str | os.PathLike, split: str, rows: list[dict]) -> str:
+    """Write `rows` as `folder/split.json`, the LLaVA-format JSON `processing.load_llava_dataset` reads."""
     json_path = os.path.join(folder, f"{split}.json")
     with open(json_path, "w") as file:
         json.dump(rows, file, indent=1)
@@ -146,5 +159,7 @@ __all__ = [
     "llava_row",
     "make_sample",
     "vocabulary_corpus",
+    "write_images",
+    "write_rows",
     "write_split",
 ]

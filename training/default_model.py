@@ -21,7 +21,7 @@ import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
 from modeling_llava_uhd import LlavaUhdForConditionalGeneration, LlavaUhdProcessor
-from processing.detail_task import PATTERNS, make_sample, vocabulary_corpus, write_split
+from processing.detail_task import PATTERNS, make_sample, vocabulary_corpus, write_images, write_rows
 
 from .sft import main as sft_main
 from .tokenizer import train_tokenizer
@@ -73,21 +73,12 @@ def build_start(folder: Path, seed: int = 0) -> None:
 
 
 def write_data(folder: Path) -> None:
-    """The task's splits under `folder` (LLaVA-format JSON + PNGs), written by `SHARDS` processes."""
+    """The task's splits under `folder` (PNGs written by `SHARDS` processes, then one LLaVA-format JSON per split)."""
     for split, count in SPLIT_SIZES.items():
-        bounds = np.linspace(0, count, SHARDS + 1).astype(int)
+        bounds = np.linspace(0, count, SHARDS + 1).astype(int).tolist()
         with ProcessPoolExecutor(SHARDS) as pool:
-            shards = list(pool.map(_write_shard, [(folder, split, a, b) for a, b in zip(bounds, bounds[1:])]))
-        rows = [row for shard in shards for row in json.loads(Path(shard).read_text())]
-        Path(folder / f"{split}.json").write_text(json.dumps(rows, indent=1))
-        for shard in shards:
-            Path(shard).unlink()
-
-
-def _write_shard(job: tuple[Path, str, int, int]) -> str:
-    folder, split, start, stop = job
-    path = write_split(folder, split, stop - start, start=start)
-    return str(Path(path).rename(folder / f"{split}-{start}.json"))
+            shards = pool.map(write_images, [folder] * SHARDS, [split] * SHARDS, bounds[:-1], bounds[1:])
+            write_rows(folder, split, [row for rows in shards for row in rows])
 
 
 def train_arguments(work: Path, run: str, overrides: list[str] = ()) -> list[str]:
