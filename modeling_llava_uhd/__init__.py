@@ -13,6 +13,7 @@ from transformers import (
 )
 
 from .configuration_llava_uhd import LlavaUhdConfig
+from .default_model import default_model_path
 from .image_processing_llava_uhd import LlavaUhdImageProcessor, SliceLayout
 from .modeling_llava_uhd import LlavaUhdForConditionalGeneration, LlavaUhdModel, LlavaUhdPreTrainedModel
 from .processing_llava_uhd import LlavaUhdProcessor
@@ -39,4 +40,5 @@ __all__ = [
     "LlavaUhdPreTrainedModel",
     "LlavaUhdProcessor",
     "SliceLayout",
+    "default_model_path",
 ]

@@ -60,10 +60,13 @@ def chat(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from .default_model import default_model_path
+
+    path = default_model_path() if args.model is None else args.model
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else "auto"
-    model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=dtype)
+    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, dtype=dtype)
     model = model.to(args.device).eval()
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     with Image.open(args.image) as image:
@@ -88,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     slice_parser.set_defaults(func=slices)
 
     chat_parser = commands.add_parser("chat", help="answer a question about an image")
-    chat_parser.add_argument("--model", required=True, help="converted model folder or Hub repo id")
+    chat_parser.add_argument(
+        "--model", help="model folder or Hub repo id (default: the bundled default model, see README)"
+    )
     chat_parser.add_argument("--image", required=True, help="image file")
     chat_parser.add_argument("--prompt", required=True, help="question about the image")
     chat_parser.add_argument("--max-new-tokens", type=int, default=128)

@@ -2,7 +2,7 @@
 view cannot tell; LLaVA-UHD's slices can.
 
 Every image (any of seven aspect ratios, long side 1024 to 1600 px) has a drawn background of soft gradients and
-large translucent shapes, and a framed panel (30-60% of each side, anywhere) filled with horizontal stripes,
+large translucent shapes, and a framed panel (60-90% of each side, anywhere) filled with horizontal stripes,
 vertical bars, a checkerboard, or their flat mean colour, in two random colours. The pattern's period is 3 pixels
 at the image processor's default resolution (long side 1024, up to 7 slices): the slices (scale 0.8 to 1.1 of that)
 keep it; the overview (336 x 336 pixels' worth of area, scale 0.33 to 0.45) blurs every pattern into the same flat
@@ -25,7 +25,7 @@ LONG_SIDES = (1024, 1600)  # inclusive range of the long side, px
 PROCESSED_LONG_SIDE = 1024  # the image processor's `max_image_size`: sizes below are in its pixels
 PATTERNS = ("stripes", "bars", "checks", "plain")  # horizontal lines, vertical lines, a checkerboard, flat
 PERIOD = 3  # the patterns' period in processed pixels
-PANEL_FRACTION = (0.3, 0.6)  # the panel's sides, as fractions of the image's
+PANEL_FRACTION = (0.6, 0.9)  # the panel's sides, as fractions of the image's
 QUESTIONS = (
     "What pattern fills the framed panel?",
     "Which pattern is inside the frame?",

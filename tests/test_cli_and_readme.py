@@ -21,7 +21,7 @@ def _setup_commands() -> list[str]:
 
 def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
     main_job, tests = _setup_commands()
-    assert "llava-uhd slices examples/coffee.jpg" in main_job
+    assert "llava-uhd chat --image examples/detail.png" in main_job  # answered: tests/test_default_model.py
     assert "pytest" in tests
     assert tests in (ROOT / ".ci" / "run").read_text()
 

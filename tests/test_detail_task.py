@@ -32,7 +32,8 @@ def test_sizes_questions_answers_and_placement_vary():
     for sample in samples:
         left, top, right, bottom = sample.panel_box
         assert 0 <= left < right <= sample.image.width and 0 <= top < bottom <= sample.image.height
-        assert 0.3 <= (right - left) / sample.image.width <= 0.62 and 0.3 <= (bottom - top) / sample.image.height <= 0.62
+        assert 0.6 <= (right - left) / sample.image.width <= 0.92
+        assert 0.6 <= (bottom - top) / sample.image.height <= 0.92
     assert len({sample.panel_box[:2] for sample in samples}) == len(samples)
 
 

@@ -1,16 +1,18 @@
-"""Work in progress (issue 6): a small LLaVA-UHD trained from scratch on the fine-detail task
+"""The package's offline default model: a small LLaVA-UHD trained from scratch on the fine-detail task
 (`processing.detail_task`) with our SFT recipe, next to the same model trained on overviews only, and the accuracy
 of both on the held-out split.
 
-    python -m training.default_model --work work/default-model
+    python -m training.default_model --work work/default-model --ship
 
 writes the task's data, a fresh tiny ViT and LLM (and a tokenizer trained on the task's texts) to start from, trains
-`training/configs/detail_task.yaml` with `training.sft` with slices and with `--max_slice_nums 1`, and evaluates both.
-Arguments it does not know go to `training.sft` (e.g. `--max_steps 10`).
+`training/configs/detail_task.yaml` with `training.sft` with slices and with `--max_slice_nums 1`, evaluates both
+(`evaluation.json`) and, with `--ship`, makes the slices run `modeling_llava_uhd/default_model/`. Arguments it does
+not know go to `training.sft` (e.g. `--max_steps 10`).
 """
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -18,9 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
-from modeling_llava_uhd import LlavaUhdForConditionalGeneration, LlavaUhdProcessor
+from modeling_llava_uhd.default_model import CODE_FILES, WEIGHTS
 from processing.detail_task import PATTERNS, make_sample, vocabulary_corpus, write_images, write_rows
 
 from .sft import main as sft_main
@@ -31,6 +40,7 @@ CONFIG = Path(__file__).parent / "configs" / "detail_task.yaml"
 RUNS = {"slices": None, "overview": 1}
 SPLIT_SIZES = {"train": 2000, "test": 300}
 SHARDS = 2  # processes writing the data
+SUBSET = 48  # test images the shipped model's test re-evaluates
 SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -41,7 +51,7 @@ def build_start(folder: Path, seed: int = 0) -> None:
     """A fresh tiny CLIP ViT (patch 14, 24 x 24 positions) in `folder/vision` and a fresh tiny Llama with a tokenizer
     trained on the task's texts in `folder/text`: what `vision_model` and `text_model` of the configs point at."""
     turns = [f"USER: <image>\n{text} ASSISTANT: {text}</s>" for text in vocabulary_corpus()]
-    tokenizer = train_tokenizer([SYSTEM, *turns] * 8, vocab_size=320)
+    tokenizer = train_tokenizer([SYSTEM, *turns] * 8, vocab_size=512)
     torch.manual_seed(seed)
     vision = CLIPVisionModel(
         CLIPVisionConfig(
@@ -98,14 +108,11 @@ def train_arguments(work: Path, run: str, overrides: list[str] = ()) -> list[str
 
 
 @torch.inference_mode()
-def evaluate(
-    model_path: str | Path, count: int, max_slice_nums: int | None = None, batch_size: int = 8
-) -> dict[str, float]:
-    """Exact-match accuracy of the model at `model_path` on the first `count` images of the test split, overall
-    (`"all"`) and per answer."""
-    model = LlavaUhdForConditionalGeneration.from_pretrained(model_path).eval()
-    processor = LlavaUhdProcessor.from_pretrained(model_path, padding_side="left")
-    correct = {pattern: [] for pattern in PATTERNS}
+def predict(model_path: str | Path, count: int, max_slice_nums: int | None = None, batch_size: int = 8) -> list[str]:
+    """Greedy answers of the model at `model_path` to the first `count` images of the test split."""
+    model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True, padding_side="left")
+    answers = []
     for start in range(0, count, batch_size):
         samples = [make_sample("test", index) for index in range(start, min(start + batch_size, count))]
         prompts = [
@@ -120,11 +127,27 @@ def evaluate(
             return_tensors="pt",
         )  # fmt: skip
         output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        for sample, answer in zip(samples, answers, strict=True):
-            correct[sample.answer].append(answer.strip() == sample.answer)
-    accuracy = {pattern: float(np.mean(hits)) for pattern, hits in correct.items() if hits}
-    return {"all": float(np.mean([hit for hits in correct.values() for hit in hits]))} | accuracy
+        decoded = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        answers += [answer.strip() for answer in decoded]
+    return answers
+
+
+def accuracy(answers: list[str]) -> dict[str, float]:
+    """Exact-match accuracy of `answers` to the first test images, overall (`"all"`) and per pattern."""
+    expected = [make_sample("test", index).answer for index in range(len(answers))]
+    hits = {pattern: [a == e for a, e in zip(answers, expected) if e == pattern] for pattern in PATTERNS}
+    per_pattern = {pattern: float(np.mean(h)) for pattern, h in hits.items() if h}
+    return {"all": float(np.mean([a == e for a, e in zip(answers, expected)]))} | per_pattern
+
+
+def ship(work: Path) -> None:
+    """Make `work`'s slices run (without its code files and training arguments) and `evaluation.json` the package's
+    default model."""
+    shutil.rmtree(WEIGHTS, ignore_errors=True)
+    WEIGHTS.mkdir()
+    for path in [*(work / "slices").iterdir(), work / "evaluation.json"]:
+        if path.is_file() and path.name not in (*CODE_FILES, "training_args.bin"):
+            shutil.copyfile(path, WEIGHTS / path.name)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -132,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", type=Path, default=Path("work/default-model"), help="data, start and runs")
     parser.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=list(RUNS), help="what to train")
     parser.add_argument("--eval-count", type=int, default=SPLIT_SIZES["test"], help="test images to evaluate on")
+    parser.add_argument("--ship", action="store_true", help="make the slices run the package's default model")
     args, overrides = parser.parse_known_args(argv)  # the rest goes to `training.sft`, e.g. `--max_steps 10`
 
     if not (args.work / "data" / "test.json").is_file():
@@ -143,10 +167,17 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         sft_main(train_arguments(args.work, run, overrides))
         minutes = (time.perf_counter() - start) / 60
-        accuracy = evaluate(args.work / run, args.eval_count, RUNS[run])
-        results[run] = {"max_slice_nums": RUNS[run] or 7, "train_minutes": round(minutes, 1), "accuracy": accuracy}
+        answers = predict(args.work / run, args.eval_count, RUNS[run])
+        results[run] = {
+            "max_slice_nums": RUNS[run] or 7,
+            "train_minutes": round(minutes, 1),
+            "accuracy": accuracy(answers),
+            f"accuracy_first_{SUBSET}": accuracy(answers[:SUBSET])["all"],
+        }
         print(json.dumps({run: results[run]}), flush=True)
     (args.work / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
+    if args.ship:
+        ship(args.work)
     return results
 
 
