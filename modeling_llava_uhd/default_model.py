@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 PACKAGE = Path(__file__).parent
-WEIGHTS = PACKAGE / "default_model"
+WEIGHTS = PACKAGE / "default_model_files"
 # The remote code a saved model carries (`save_pretrained` copies these files next to the weights).
 CODE_FILES = (
     "configuration_llava_uhd.py",

@@ -6,8 +6,8 @@ of both on the held-out split.
 
 writes the task's data, a fresh tiny ViT and LLM (and a tokenizer trained on the task's texts) to start from, trains
 `training/configs/detail_task.yaml` with `training.sft` with slices and with `--max_slice_nums 1`, evaluates both
-(`evaluation.json`) and, with `--ship`, makes the slices run `modeling_llava_uhd/default_model/`. Arguments it does
-not know go to `training.sft` (e.g. `--max_steps 10`).
+(`evaluation.json`) and, with `--ship`, makes the slices run `modeling_llava_uhd/default_model_files/`. Arguments
+it does not know go to `training.sft` (e.g. `--max_steps 10`).
 """
 
 import argparse
