@@ -40,9 +40,9 @@ def test_folder_is_assembled_once_with_weights_and_remote_code(folder):
 
 
 def test_reported_accuracy_is_reproduced_and_slicing_wins(folder):
-    answers = recipe.predict(folder, recipe.SUBSET)
+    pairs = recipe.predict(folder, recipe.SUBSET)
     reported = EVALUATION["slices"][f"accuracy_first_{recipe.SUBSET}"]
-    assert abs(recipe.accuracy(answers)["all"] - reported) <= 1 / recipe.SUBSET, (answers, reported)
+    assert abs(recipe.accuracy(pairs)["all"] - reported) <= 1 / recipe.SUBSET, (pairs, reported)
     assert EVALUATION["test_images"] == recipe.SPLIT_SIZES["test"]
     assert EVALUATION["slices"]["accuracy"]["all"] >= EVALUATION["overview"]["accuracy"]["all"] + 0.3
 
@@ -51,7 +51,6 @@ REMOTE_SCRIPT = """
 import sys
 sys.modules["modeling_llava_uhd"] = None  # only the folder's own code may run
 from PIL import Image
-from transformers import AutoTokenizer
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 folder, image, question = sys.argv[1:]

@@ -108,11 +108,13 @@ def train_arguments(work: Path, run: str, overrides: list[str] = ()) -> list[str
 
 
 @torch.inference_mode()
-def predict(model_path: str | Path, count: int, max_slice_nums: int | None = None, batch_size: int = 8) -> list[str]:
-    """Greedy answers of the model at `model_path` to the first `count` images of the test split."""
+def predict(
+    model_path: str | Path, count: int, max_slice_nums: int | None = None, batch_size: int = 8
+) -> list[tuple[str, str]]:
+    """`(expected, greedy)` answers of the model at `model_path` for the first `count` images of the test split."""
     model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True, padding_side="left")
-    answers = []
+    pairs = []
     for start in range(0, count, batch_size):
         samples = [make_sample("test", index) for index in range(start, min(start + batch_size, count))]
         prompts = [
@@ -128,16 +130,15 @@ def predict(model_path: str | Path, count: int, max_slice_nums: int | None = Non
         )  # fmt: skip
         output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         decoded = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        answers += [answer.strip() for answer in decoded]
-    return answers
+        pairs += [(sample.answer, answer.strip()) for sample, answer in zip(samples, decoded, strict=True)]
+    return pairs
 
 
-def accuracy(answers: list[str]) -> dict[str, float]:
-    """Exact-match accuracy of `answers` to the first test images, overall (`"all"`) and per pattern."""
-    expected = [make_sample("test", index).answer for index in range(len(answers))]
-    hits = {pattern: [a == e for a, e in zip(answers, expected) if e == pattern] for pattern in PATTERNS}
+def accuracy(pairs: list[tuple[str, str]]) -> dict[str, float]:
+    """Exact-match accuracy of `predict`'s `(expected, answer)` pairs, overall (`"all"`) and per pattern."""
+    hits = {pattern: [answer == pattern for expected, answer in pairs if expected == pattern] for pattern in PATTERNS}
     per_pattern = {pattern: float(np.mean(h)) for pattern, h in hits.items() if h}
-    return {"all": float(np.mean([a == e for a, e in zip(answers, expected)]))} | per_pattern
+    return {"all": float(np.mean([expected == answer for expected, answer in pairs]))} | per_pattern
 
 
 def ship(work: Path) -> None:
@@ -167,12 +168,12 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         sft_main(train_arguments(args.work, run, overrides))
         minutes = (time.perf_counter() - start) / 60
-        answers = predict(args.work / run, args.eval_count, RUNS[run])
+        pairs = predict(args.work / run, args.eval_count, RUNS[run])
         results[run] = {
             "max_slice_nums": RUNS[run] or 7,
             "train_minutes": round(minutes, 1),
-            "accuracy": accuracy(answers),
-            f"accuracy_first_{SUBSET}": accuracy(answers[:SUBSET])["all"],
+            "accuracy": accuracy(pairs),
+            f"accuracy_first_{SUBSET}": accuracy(pairs[:SUBSET])["all"],
         }
         print(json.dumps({run: results[run]}), flush=True)
     (args.work / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
