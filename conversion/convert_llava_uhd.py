@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, CLIPVisionConfig, GenerationConfig
+from transformers import CLIPVisionConfig, GenerationConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 import modeling_llava_uhd
@@ -30,6 +30,7 @@ from modeling_llava_uhd import (
 )
 
 from .model_card import write_model_card
+from .tokenizer import TokenizerConversionError, load_original_tokenizer
 
 # Separator ids the reference inserts for every tokenizer (Vicuna's ',' and '\n').
 REFERENCE_SLICE_SEPARATOR_ID = 29892
@@ -131,8 +132,12 @@ def build_config(original: dict, vision_folder: Path, projector: dict[str, torch
     )
 
 
-def prepare_tokenizer(folder: Path):
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+def prepare_tokenizer(source: str | Path):
+    """The original tokenizer (see `load_original_tokenizer`) with `<image>`, and `<pad>` when it has no pad token."""
+    try:
+        tokenizer = load_original_tokenizer(source)
+    except TokenizerConversionError as error:
+        raise ConversionError(str(error)) from error
     added = {}
     if "<image>" not in tokenizer.get_vocab():
         added["additional_special_tokens"] = ["<image>"]
@@ -235,7 +240,7 @@ def convert(args: argparse.Namespace) -> dict:
         )
 
     config = build_config(original_config, vision_folder, projector, args)
-    has_tokenizer = any((original / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json"))
+    has_tokenizer = any((original / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json", "tokenizer.model"))
     tokenizer = prepare_tokenizer(original if has_tokenizer else text_folder)
     config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     try:  # validates the separator ids against the tokenizer before any weight is written

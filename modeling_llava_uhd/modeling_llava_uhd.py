@@ -427,7 +427,8 @@ class LlavaUhdForConditionalGeneration(LlavaUhdPreTrainedModel, GenerationMixin)
     ) -> MultimodalCausalLMOutputWithPast:
         r"""
         pixel_values, image_grid_hw, slice_grid: packed crops from [`LlavaUhdImageProcessor`].
-        labels: token ids for the causal LM loss; -100 is ignored.
+        labels: token ids for the causal LM loss; -100 is ignored, and so are image-token positions, whichever collator
+            built the batch.
 
         Example:
 
@@ -456,6 +457,7 @@ class LlavaUhdForConditionalGeneration(LlavaUhdPreTrainedModel, GenerationMixin)
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
+            labels = labels.masked_fill(labels == self.config.image_token_id, -100)
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )

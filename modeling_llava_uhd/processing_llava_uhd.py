@@ -3,18 +3,22 @@
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-# Vicuna v1 (LLaVA-1.5) conversation format. `{% generation %}` marks what the assistant says, so
-# `return_assistant_tokens_mask` (and TRL's `assistant_only_loss`) covers exactly the answers and their `</s>`.
+# Vicuna v1 (LLaVA-1.5) conversation format. It starts with the BOS, as the reference's samples do (the processor adds
+# it once, so TRL's `add_special_tokens=False` and a plain processor call agree). `<image>` is followed by "\n" unless
+# it ends its turn (the reference's "<image>\n" + question, and "<image>" alone). `{% generation %}` marks what the
+# assistant says, so `return_assistant_tokens_mask` (and TRL's `assistant_only_loss`) covers exactly the answers and
+# their `</s>`.
 CHAT_TEMPLATE = (
     "{%- set system = \"A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions.\" -%}"
     "{%- macro render(content) -%}"
     "{%- if content is string -%}{{ content }}"
     "{%- else -%}{%- for item in content -%}"
-    "{%- if item['type'] == 'image' -%}{{ '<image>\\n' }}"
+    "{%- if item['type'] == 'image' -%}{{ '<image>' }}{%- if not loop.last -%}{{ '\\n' }}{%- endif -%}"
     "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{%- endmacro -%}"
+    "{%- if bos_token -%}{{ bos_token }}{%- endif -%}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"
     "{%- set system = render(messages[0]['content']) -%}{%- set messages = messages[1:] -%}"
     "{%- endif -%}"
@@ -118,14 +122,7 @@ class LlavaUhdProcessor(ProcessorMixin):
         texts = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("`text` must be a string or a list of strings.")
-        encoded = self.tokenizer(
-            texts,
-            add_special_tokens=add_special_tokens,
-            return_offsets_mapping=return_offsets_mapping,
-            return_attention_mask=False,
-            **kwargs,
-        )
-        counts = [ids.count(self.image_token_id) for ids in encoded["input_ids"]]
+        encoded_ids, encoded_offsets, counts = self._tokenize(texts, add_special_tokens, return_offsets_mapping, **kwargs)
         flat_images = [image for group in self._assign_images(images, counts) for image in group]
         data, grids = {}, []
         if flat_images:
@@ -135,9 +132,8 @@ class LlavaUhdProcessor(ProcessorMixin):
 
         input_ids, offsets = [], []
         image_index = 0
-        for sample, ids in enumerate(encoded["input_ids"]):
+        for sample, (ids, sample_map) in enumerate(zip(encoded_ids, encoded_offsets)):
             sample_ids, sample_offsets = [], []
-            sample_map = encoded["offset_mapping"][sample] if return_offsets_mapping else [(0, 0)] * len(ids)
             for token, offset in zip(ids, sample_map):
                 if token == self.image_token_id:
                     expanded = self.image_token_ids(*grids[image_index])
@@ -159,6 +155,56 @@ class LlavaUhdProcessor(ProcessorMixin):
             # Offsets already refer to the text as written: expansion happens on ids, no characters move.
             data["text_replacement_offsets"] = [[] for _ in texts]
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _tokenize(
+        self, texts: list[str], add_special_tokens: bool, return_offsets_mapping: bool, **kwargs
+    ) -> tuple[list[list[int]], list[list[tuple[int, int]]], list[int]]:
+        """Token ids and character offsets of each text, `<image>` placeholders as one image token each, and the number
+        of placeholders per text.
+
+        As the reference's `tokenizer_image_token`, the text between placeholders is tokenized chunk by chunk, so every
+        chunk starts as a text of its own (a sentencepiece tokenizer puts its dummy prefix `▁` there); only the first
+        chunk gets the tokenizer's special tokens. A BOS written at the start of a text (chat templates write one) is
+        that BOS: a text gets it once, whether `add_special_tokens` asks for it too or not.
+        """
+        bos, bos_id = self.tokenizer.bos_token, self.tokenizer.bos_token_id
+        leading_bos = [bool(bos) and text.startswith(bos) for text in texts]
+        chunks = [text[len(bos) if lead else 0 :].split(self.image_token) for text, lead in zip(texts, leading_bos)]
+
+        def encode(pieces: list[str], special: bool) -> list[tuple[list[int], list]]:
+            if not pieces:
+                return []
+            encoded = self.tokenizer(
+                pieces,
+                add_special_tokens=special,
+                return_offsets_mapping=return_offsets_mapping,
+                return_attention_mask=False,
+                **kwargs,
+            )
+            ids = encoded["input_ids"]
+            maps = encoded["offset_mapping"] if return_offsets_mapping else [[(0, 0)] * len(row) for row in ids]
+            return list(zip(ids, maps))
+
+        heads = encode([pieces[0] for pieces in chunks], add_special_tokens)
+        tails = iter(encode([piece for pieces in chunks for piece in pieces[1:]], False))
+        all_ids, all_offsets = [], []
+        for pieces, lead, head in zip(chunks, leading_bos, heads):
+            position = len(bos) if lead else 0
+            ids, offsets = [], []
+            for index, piece in enumerate(pieces):
+                chunk_ids, chunk_offsets = next(tails) if index else head
+                if index:
+                    ids.append(self.image_token_id)
+                    offsets.append((0, 0))
+                ids += chunk_ids
+                # Offsets into the whole text; tokens of no characters (the dummy prefix, specials) point nowhere.
+                offsets += [(position + a, position + b) if b > a else (0, 0) for a, b in chunk_offsets]
+                position += len(piece) + len(self.image_token)
+            if lead and ids[:1] != [bos_id]:
+                ids, offsets = [bos_id, *ids], [(0, len(bos)), *offsets]
+            all_ids.append(ids)
+            all_offsets.append(offsets)
+        return all_ids, all_offsets, [len(pieces) - 1 for pieces in chunks]
 
     def _assign_images(self, images, counts: list[int]) -> list[list]:
         """Group images per text, checking them against the number of `<image>` placeholders of each text."""

@@ -19,10 +19,10 @@ from .llava_format import BadRowError, OnBadRow
 logger = logging.getLogger(__name__)
 
 # Stage 1 ("plain" in the reference): `<image>` then the caption then "\n"; the human's text is dropped and the loss
-# covers the caption and its "\n". Contents are lists of typed items (TRL structures them before rendering). TRL
-# tokenizes without special tokens, so the template writes the BOS itself.
+# covers the caption and its "\n". Contents are lists of typed items (TRL structures them before rendering). Like the
+# chat template it starts with the BOS, which the processor adds once.
 PLAIN_CHAT_TEMPLATE = (
-    "{{- bos_token -}}"
+    "{%- if bos_token -%}{{ bos_token }}{%- endif -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}"
     "{%- for item in message['content'] if item['type'] == 'image' -%}{{ '<image>' }}{%- endfor -%}"
@@ -40,11 +40,11 @@ _COLLATE_ERRORS = (ValueError, TemplateError)
 
 def training_chat_template(processor: LlavaUhdProcessor, chat_format: ChatFormat) -> str:
     """The template a training batch is rendered with: stage 1's `"plain"` format, or the processor's own chat template
-    (`"chat"`, Vicuna v1) preceded by the BOS that the reference starts every sample with."""
+    (`"chat"`, Vicuna v1)."""
     if chat_format == "plain":
         return PLAIN_CHAT_TEMPLATE
     if chat_format == "chat":
-        return "{{- bos_token -}}" + processor.chat_template
+        return processor.chat_template
     raise ValueError(f"`chat_format` must be 'plain' or 'chat', got {chat_format!r}.")
 
 

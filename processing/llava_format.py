@@ -32,7 +32,8 @@ def convert_llava_row(row: dict[str, Any], image_folder: str | os.PathLike | Non
     """One LLaVA-format row as a `{"id", "images", "messages"}` row.
 
     Every `<image>` is taken out of its turn's text and put first in that turn, as the reference does: the chat
-    template renders it `<image>\\n` before the (stripped) text. Rows without `"image"` are text-only.
+    template renders it `<image>\\n` before the (stripped) text, or `<image>` alone when no text is left. A first turn
+    that is the assistant's is dropped, as the reference drops it. Rows without `"image"` are text-only.
 
     Raises:
         BadRowError: unknown roles, no assistant answer, `<image>` placeholders that do not match the images, or an
@@ -46,6 +47,8 @@ def convert_llava_row(row: dict[str, Any], image_folder: str | os.PathLike | Non
     if not isinstance(turns, list) or not turns:
         raise BadRowError(row_id, "malformed conversations", ": no `conversations` list")
 
+    if isinstance(turns[0], dict) and ROLES.get(turns[0].get("from")) == "assistant":
+        turns = turns[1:]  # as the reference, which skips a first turn that is not the human's
     messages, placeholders = [], 0
     for turn in turns:
         role = ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
@@ -59,7 +62,8 @@ def convert_llava_row(row: dict[str, Any], image_folder: str | os.PathLike | Non
             raise BadRowError(row_id, "malformed conversations", f": {IMAGE_PLACEHOLDER} outside a human turn")
         placeholders += count
         text = value.replace(IMAGE_PLACEHOLDER, "").strip() if count else value
-        content = [{"type": "image", "text": None} for _ in range(count)] + [{"type": "text", "text": text}]
+        content = [{"type": "image", "text": None} for _ in range(count)]
+        content += [{"type": "text", "text": text}] if text or not count else []
         messages.append({"role": role, "content": content})
     if placeholders != len(paths):
         raise BadRowError(row_id, "placeholders do not match images", f": {placeholders} for {len(paths)} image(s)")

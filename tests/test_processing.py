@@ -125,7 +125,8 @@ CONVERSATIONS = {  # name: (messages, add_generation_prompt, system, Vicuna turn
         SYSTEM,
         [("USER", "<image>\n<image>\nCompare."), ("ASSISTANT", "Same."), ("USER", "Why?")],
     ),
-    "text_before_image": ([user("Look: ", None)], False, SYSTEM, [("USER", "Look: <image>\n")]),
+    # An image ending its turn is not followed by "\n" (the reference's image-only turn is "<image>").
+    "text_before_image": ([user("Look: ", None)], False, SYSTEM, [("USER", "Look: <image>")]),
 }
 
 
@@ -133,13 +134,13 @@ CONVERSATIONS = {  # name: (messages, add_generation_prompt, system, Vicuna turn
 def test_chat_template_is_vicuna_v1(name: str):
     messages, generation_prompt, system, turns = CONVERSATIONS[name]
     rendered = PROCESSOR.apply_chat_template(messages, add_generation_prompt=generation_prompt)
-    assert rendered == vicuna_v1(system, turns, generation_prompt)
+    assert rendered == "<s>" + vicuna_v1(system, turns, generation_prompt)  # the BOS, which the processor adds once
 
 
 def test_chat_template_literal_multi_turn():
     messages = CONVERSATIONS["multi_turn_with_system"][0]
     assert PROCESSOR.apply_chat_template(messages) == (
-        "Be brief. USER: <image>\nWhat is it? ASSISTANT: A cat.</s>USER: And the dog? ASSISTANT: It sleeps.</s>"
+        "<s>Be brief. USER: <image>\nWhat is it? ASSISTANT: A cat.</s>USER: And the dog? ASSISTANT: It sleeps.</s>"
     )
     with pytest.raises(TemplateError, match="Roles must be system \\(first\\), user or assistant, got tool"):
         PROCESSOR.apply_chat_template([{"role": "tool", "content": "x"}])

@@ -38,7 +38,7 @@ def converted(tmp_path_factory) -> tuple:
 
 def test_prompt_and_input_ids_match_reference(converted):
     _, processor, prompt, inputs = converted
-    assert prompt == FACTS["prompt"]
+    assert prompt == processor.tokenizer.bos_token + FACTS["prompt"]  # the template writes the BOS the reference adds
     reference = EXPECTED["input_ids"][0].tolist()
     position = FACTS["image_token_position"]
     assert reference[position] == -200

@@ -1,0 +1,137 @@
+"""The tokenizer of an original checkpoint, as a fast tokenizer that tokenizes exactly as the authors' one did.
+
+The released LLaVA-UHD (Vicuna-v1.5) ships a sentencepiece `tokenizer.model` and no `tokenizer.json`; the authors ran it
+through transformers 4.37's slow `LlamaTokenizer`, i.e. sentencepiece itself. transformers 5 converts such a file with
+BPE merges ranked by piece id, so runs of spaces tokenize differently (`"a  b"`: `▁a ▁▁ b` instead of sentencepiece's
+`▁a ▁ ▁b`), and it loads a Llama `tokenizer.json` through a class that rebuilds its pre-tokenizer, dropping the
+original `legacy` setting. Here the merges are ranked by sentencepiece's piece scores (sentencepiece merges the
+highest-scoring pair first, leftmost among equals), and the dummy prefix is applied exactly as sentencepiece and the
+slow tokenizer do: before every text (`legacy=True`) or only at the very start of the input (`legacy=False`), whether
+or not the text starts with a space.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers.tokenization_utils_base import generate_merges
+from transformers.utils import cached_file
+
+SPIECE_UNDERLINE = "▁"
+# sentencepiece's ModelProto.SentencePiece.Type and TrainerSpec.ModelType values.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
+BPE_MODEL = 2
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class TokenizerConversionError(ValueError):
+    """The original tokenizer cannot be read or reproduced; the message says why."""
+
+
+def load_original_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of a local folder or Hub repo: its `tokenizer.json` when it has one (Qwen2, fast Llama exports),
+    otherwise its sentencepiece `tokenizer.model` converted exactly (`sentencepiece_tokenizer`)."""
+    files = {name: cached_file(str(source), name, _raise_exceptions_for_missing_entries=False) for name in TOKENIZER_FILES}
+    if files["tokenizer.json"] is None and files["tokenizer.model"] is not None:
+        settings = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config's values win, as in transformers
+            if files[name] is not None:
+                settings.update(json.loads(Path(files[name]).read_text(encoding="utf-8")))
+        return sentencepiece_tokenizer(files["tokenizer.model"], settings)
+    return AutoTokenizer.from_pretrained(source)
+
+
+def sentencepiece_tokenizer(model_file: str | Path, settings: dict[str, Any]) -> PreTrainedTokenizerFast:
+    """A fast tokenizer equal to the slow sentencepiece `LlamaTokenizer` of transformers 4.37 built from `model_file`
+    and the original `tokenizer_config.json` / `special_tokens_map.json` values in `settings` (`legacy`,
+    `add_bos_token`, `add_eos_token`, special tokens, `model_max_length`, `padding_side`, ...)."""
+    proto = _read_model(model_file)
+    spec = proto.normalizer_spec
+    if proto.trainer_spec.model_type != BPE_MODEL:
+        raise TokenizerConversionError(f"{model_file} is not a BPE sentencepiece model; only BPE (Llama) is supported.")
+    if spec.name != "identity" or spec.precompiled_charsmap or spec.remove_extra_whitespaces:
+        raise TokenizerConversionError(
+            f"{model_file} normalizes its input ({spec.name!r}, remove_extra_whitespaces={spec.remove_extra_whitespaces}); "
+            "only the identity normalization of Llama tokenizers is supported."
+        )
+    if any(piece.type == USER_DEFINED for piece in proto.pieces):
+        raise TokenizerConversionError(f"{model_file} has user-defined pieces, which are not supported.")
+
+    vocab = {piece.piece: index for index, piece in enumerate(proto.pieces)}
+    scores = {piece.piece: piece.score for piece in proto.pieces if piece.type == NORMAL}
+    merges = generate_merges(vocab, scores, skip_tokens=[p.piece for p in proto.pieces if p.type != NORMAL])
+    unk = proto.pieces[proto.trainer_spec.unk_id].piece
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+
+    # transformers 4.37 reads a missing `legacy` as True. Spaces become "▁"; the first pre-tokenizer then puts a " "
+    # (which the text no longer has) in front of each text (legacy) or of the input's first text only, and the second
+    # turns it into the dummy-prefix "▁": unlike a single Metaspace, this prepends even when the text starts with a space.
+    legacy = settings.get("legacy")
+    prepend = "never" if not spec.add_dummy_prefix else "always" if legacy in (None, True) else "first"
+    backend.normalizer = normalizers.Replace(" ", SPIECE_UNDERLINE)
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement=" ", prepend_scheme=prepend, split=False),
+            pre_tokenizers.Metaspace(replacement=SPIECE_UNDERLINE, prepend_scheme="never", split=False),
+        ]
+    )
+    strip = [decoders.Strip(content=" ", left=1, right=0)] if spec.add_dummy_prefix else []
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace(SPIECE_UNDERLINE, " "), decoders.ByteFallback(), decoders.Fuse(), *strip]
+    )
+    special = [piece.piece for piece in proto.pieces if piece.type in (UNKNOWN, CONTROL)]
+    backend.add_special_tokens([AddedToken(token, normalized=False, special=True) for token in special])
+
+    tokens = {
+        name: _content(settings.get(name)) or default
+        for name, default in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", unk), ("pad_token", None))
+    }
+    add_bos, add_eos = settings.get("add_bos_token", True), settings.get("add_eos_token", False)
+    bos, eos = tokens["bos_token"], tokens["eos_token"]
+    single = [f"{bos}:0"] * add_bos + ["$A:0"] + [f"{eos}:0"] * add_eos
+    backend.post_processor = processors.TemplateProcessing(
+        single=single,
+        pair=single + [item.replace("$A", "$B").replace(":0", ":1") for item in single],
+        special_tokens=[(token, vocab[token]) for token in {bos, eos}],
+    )
+    kept = {
+        key: settings[key]
+        for key in ("model_max_length", "padding_side", "truncation_side", "clean_up_tokenization_spaces")
+        if settings.get(key) is not None
+    }
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        **{name: token for name, token in tokens.items() if token is not None},
+        legacy=legacy,
+        add_bos_token=add_bos,
+        add_eos_token=add_eos,
+        **kept,
+    )
+
+
+def _read_model(model_file: str | Path):
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError as error:
+        raise TokenizerConversionError(
+            "Reading a sentencepiece tokenizer.model needs `sentencepiece` and `protobuf`: "
+            "pip install -e \".[convert]\" (or pip install sentencepiece protobuf)."
+        ) from error
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(Path(model_file).read_bytes())
+    except Exception as error:  # protobuf's DecodeError, or a file that is not a model at all
+        raise TokenizerConversionError(f"{model_file} is not a sentencepiece model ({error}).") from error
+    if not proto.pieces:
+        raise TokenizerConversionError(f"{model_file} is not a sentencepiece model (it has no pieces).")
+    return proto
+
+
+def _content(token: str | dict | None) -> str | None:
+    """A special token as `tokenizer_config.json` writes it: a string, or an `AddedToken` dict."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+__all__ = ["TokenizerConversionError", "load_original_tokenizer", "sentencepiece_tokenizer"]

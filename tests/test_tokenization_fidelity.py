@@ -1,0 +1,248 @@
+"""Token-for-token equality with the authors' tokenization, with Vicuna's real sentencepiece `tokenizer.model`.
+
+`fixtures/tokenization_reference.json` holds the ids (and labels) that the authors' `tokenizer_image_token`,
+`preprocess_v1` and `preprocess_plain` built with transformers 4.37's slow tokenizer (see `fixtures/NOTES.md`); the
+converter's tokenizer, the processor, the chat template and both training collators must reproduce every case.
+"""
+
+import json
+import shutil
+import string
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import sentencepiece
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from transformers import AutoTokenizer
+from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+from conversion.convert_llava_uhd import prepare_tokenizer
+from modeling_llava_uhd import LlavaUhdImageProcessor, LlavaUhdProcessor
+from processing import convert_llava_row, make_collator, training_chat_template
+
+FIXTURES = Path(__file__).parent / "fixtures"
+VICUNA = FIXTURES / "vicuna_tokenizer"
+REFERENCE = json.loads((FIXTURES / "tokenization_reference.json").read_text(encoding="utf-8"))
+CASES = REFERENCE["cases"]
+IMAGE_INDEX, IGNORE = REFERENCE["image_token_index"], REFERENCE["ignore_index"]
+QUERIES = 4  # image tokens per image: images here are small and `max_slice_nums=1`, so one crop each
+SPECIALS = ("<s>", "</s>", "<unk>", "<image>")
+
+
+def vicuna_folder(tmp_path: Path, legacy: bool) -> Path:
+    """The fixture tokenizer folder with its `legacy` setting (the release's is False)."""
+    folder = tmp_path / f"vicuna-legacy-{legacy}"
+    shutil.copytree(VICUNA, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": legacy}))
+    return folder
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["legacy=False", "legacy=True"])
+def processor(request, tmp_path_factory) -> LlavaUhdProcessor:
+    tokenizer = prepare_tokenizer(vicuna_folder(tmp_path_factory.mktemp("tokenizer"), request.param))
+    processor = LlavaUhdProcessor(
+        image_processor=LlavaUhdImageProcessor(max_slice_nums=1),
+        tokenizer=tokenizer,
+        num_queries=QUERIES,
+        slice_separator_id=29892,
+        row_separator_id=13,
+    )
+    processor.legacy = request.param
+    return processor
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (40, 30), (200, 30, 30)).save(folder / name)
+    return folder
+
+
+def cases(processor: LlavaUhdProcessor, *kinds: str) -> list[dict]:
+    selected = [case for case in CASES if case["kind"] in kinds and case["legacy"] == processor.legacy]
+    assert selected
+    return selected
+
+
+def expected_ids(case: dict, image_token_id: int) -> list[int]:
+    """The reference's ids with each -200 placeholder replaced by the image's `QUERIES` image tokens."""
+    return [i for token in case["input_ids"] for i in ([image_token_id] * QUERIES if token == IMAGE_INDEX else [token])]
+
+
+def expected_labels(case: dict) -> list[int]:
+    pairs = zip(case["input_ids"], case["labels"])
+    return [i for token, label in pairs for i in ([IGNORE] * QUERIES if token == IMAGE_INDEX else [label])]
+
+
+def test_fixture_covers_the_cases_the_issue_names():
+    kinds = {case["kind"] for case in CASES}
+    assert kinds == {"inference", "prompt", "train_v1", "train_plain"} and len(CASES) >= 40
+    texts = json.dumps(CASES, ensure_ascii=False)
+    for needle in ("  ", "\\n", "这", "🐱", "1,234", "\\t"):
+        assert needle in texts, needle
+    # The slow tokenizer gives the text after an image its dummy prefix: "\nWhat" -> ▁ <0x0A> What.
+    first = next(case for case in CASES if case["kind"] == "inference")
+    position = first["input_ids"].index(IMAGE_INDEX)
+    assert first["input_ids"][position + 1 : position + 4] == [29871, 13, 5618]
+
+
+def test_converted_tokenizer_keeps_the_original_settings(tmp_path, processor):
+    tokenizer = processor.tokenizer
+    tokenizer.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert saved["legacy"] is processor.legacy
+    assert saved["model_max_length"] == 2048 and saved["padding_side"] == "right" and saved["pad_token"] == "<unk>"
+    assert not (tmp_path / "tokenizer.model").exists()  # a fast tokenizer: the folder loads without sentencepiece
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    for text in ("a  b", " A bus.", "x.  ASSISTANT:", "USER: hi</s>USER: yo", "\n\tTab"):
+        assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"], text
+
+
+def test_leading_space_and_text_after_special_tokens_follow_the_legacy_setting(processor):
+    tokenizer = processor.tokenizer
+    assert tokenizer(" A bus.")["input_ids"] == [1, 29871, 319, 3593, 29889]  # ▁ ▁A ▁bus .
+    # After </s>: no dummy prefix with legacy=False ("USER" 11889), one with legacy=True ("▁US" "ER").
+    after = tokenizer("</s>USER", add_special_tokens=False)["input_ids"]
+    assert after == ([2, 3148, 1001] if processor.legacy else [2, 11889])
+
+
+# Words, runs of spaces, punctuation, digits, newlines, tabs and non-ASCII (CJK, accents, emoji: byte fallback).
+PIECES = st.sampled_from(
+    ["the", "cat", "ASSISTANT", "USER:", "Hello", "aba", "lll", "ooo", "1,234", "3.14", "日本語", "中文", "é", "ß",
+     "😀", "🐱🐶", "Ω", "\u3000", "\u200b", "'s", "--", "..."]
+)
+SEPARATORS = st.sampled_from(["", " ", "  ", "   ", " " * 20, "\n", "\n\n", " \n ", "\t", ",", ", ", ". "])
+TEXTS = st.one_of(
+    st.lists(st.tuples(PIECES, SEPARATORS), max_size=12).map(lambda parts: "".join(a + b for a, b in parts)),
+    st.text(alphabet=string.ascii_letters + string.digits + " \n\t,.!?'\"-" + "日本😀é", max_size=60),
+)
+SENTENCEPIECE = sentencepiece.SentencePieceProcessor(model_file=str(VICUNA / "tokenizer.model"))
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=TEXTS, leading=SEPARATORS)
+def test_plain_text_tokenizes_as_sentencepiece(processor, text, leading):
+    text = leading + text
+    if any(special in text for special in SPECIALS):
+        return  # transformers (4.37 too) splits special tokens out of the text; sentencepiece does not
+    assert processor.tokenizer(text, add_special_tokens=False)["input_ids"] == SENTENCEPIECE.encode(text)
+
+
+def test_inference_prompts_are_the_authors_ids(processor):
+    image = Image.new("RGB", (40, 30))
+    for case in cases(processor, "inference", "prompt"):
+        count = case["prompt"].count("<image>")
+        ids = processor(text=case["prompt"], images=[image] * count or None)["input_ids"][0]
+        assert ids == expected_ids(case, processor.image_token_id), case["prompt"]
+
+
+def test_chat_template_prompts_are_the_authors_ids(processor):
+    """The chat template writes the BOS; the processor adds it once, whatever `add_special_tokens` says."""
+    image = Image.new("RGB", (40, 30))
+    for case in cases(processor, "inference"):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": case["question"]}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        assert prompt == "<s>" + case["prompt"]
+        for add_special_tokens in (True, False):
+            ids = processor(text=prompt, images=image, add_special_tokens=add_special_tokens)["input_ids"][0]
+            assert ids == expected_ids(case, processor.image_token_id), (case["question"], add_special_tokens)
+        tokenized = processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, images=[image]
+        )
+        assert tokenized["input_ids"][0] == expected_ids(case, processor.image_token_id)
+
+
+def training_cases(processor) -> list[tuple[dict, str]]:
+    """Training cases with their chat format: stage 1 (`preprocess_plain`) or stage 2 (`preprocess_v1`)."""
+    selected = cases(processor, "train_v1", "train_plain")
+    return [(case, "plain" if case["kind"] == "train_plain" else "chat") for case in selected]
+
+
+def test_project_collator_builds_the_authors_samples(processor, image_folder):
+    for case, chat_format in training_cases(processor):
+        collator = make_collator(processor, chat_format=chat_format, max_slice_nums=1, on_bad_row="error")
+        batch = collator([convert_llava_row(case["row"], image_folder)])
+        assert batch["input_ids"][0].tolist() == expected_ids(case, processor.image_token_id), case["row"]
+        assert batch["labels"][0].tolist() == expected_labels(case), case["row"]
+
+
+def test_trl_stock_collator_builds_the_authors_samples(processor, image_folder):
+    """TRL's own collator with the processor and its template (what TRL's scripts run): the same samples."""
+    for case, chat_format in training_cases(processor):
+        collator = DataCollatorForVisionLanguageModeling(
+            processor=processor, assistant_only_loss=True, chat_template=training_chat_template(processor, chat_format)
+        )
+        row = convert_llava_row(case["row"], image_folder)
+        batch = collator([{**row, "images": [Image.open(path) for path in row["images"]]}])
+        assert batch["input_ids"][0].tolist() == expected_ids(case, processor.image_token_id), case["row"]
+        assert batch["labels"][0].tolist() == expected_labels(case), case["row"]
+
+
+def test_batched_training_samples_equal_the_samples_alone(processor, image_folder):
+    rows = [convert_llava_row(case["row"], image_folder) for case, fmt in training_cases(processor) if fmt == "chat"]
+    collator = make_collator(processor, max_slice_nums=1, on_bad_row="error")
+    batch = collator(rows)
+    for index, row in enumerate(rows):
+        alone = collator([row])
+        length = alone["input_ids"].shape[1]
+        assert batch["input_ids"][index, :length].tolist() == alone["input_ids"][0].tolist()
+        assert batch["labels"][index, :length].tolist() == alone["labels"][0].tolist()
+        assert (batch["labels"][index, length:] == IGNORE).all()
+
+
+def test_image_positions_are_never_trained_whatever_the_collator(processor, image_folder):
+    """TRL's collator without `assistant_only_loss` labels every token, image tokens included: the model ignores them."""
+    from tiny import make_model
+
+    row = convert_llava_row(cases(processor, "train_v1")[0]["row"], image_folder)
+    collator = DataCollatorForVisionLanguageModeling(processor=processor, chat_template=processor.chat_template)
+    batch = collator([{**row, "images": [Image.open(path) for path in row["images"]]}])
+    image_positions = batch["input_ids"] == processor.image_token_id
+    assert (batch["labels"][image_positions] == processor.image_token_id).all()  # TRL leaves them as targets
+
+    model = make_model(vocab_size=32064, image_token_id=processor.image_token_id, num_queries=QUERIES)
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    with torch.no_grad():
+        loss = model(**inputs, labels=batch["labels"]).loss
+        masked = batch["labels"].masked_fill(image_positions, IGNORE)
+        assert torch.equal(loss, model(**inputs, labels=masked).loss)
+
+
+REMOTE_SCRIPT = """
+import json, sys
+sys.modules["modeling_llava_uhd"] = None  # only the bundle's own code may run
+from PIL import Image
+from transformers import AutoProcessor
+
+folder, cases_path = sys.argv[1], sys.argv[2]
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+image = Image.new("RGB", (40, 30))
+out = []
+for case in json.loads(open(cases_path).read()):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": case["question"]}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    out.append(processor(text=prompt, images=image, max_slice_nums=1)["input_ids"][0])
+print(json.dumps(out))
+"""
+
+
+def test_hub_bundle_processor_builds_the_authors_ids(processor, tmp_path):
+    """The saved folder's remote code, without this package, tokenizes as the reference too."""
+    processor.save_pretrained(tmp_path)
+    inference = cases(processor, "inference")
+    (tmp_path / "cases.json").write_text(json.dumps(inference))
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(REMOTE_SCRIPT), str(tmp_path), str(tmp_path / "cases.json")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got == [expected_ids(case, processor.image_token_id) for case in inference]
