@@ -240,3 +240,25 @@ def test_cli_entry_point_prints_summary(tmp_path):
     assert "parameters" in result.stdout and "bfloat16" in result.stdout
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
     assert model.dtype == torch.bfloat16
+
+
+def test_sentencepiece_tokenizer_problems_are_named(tmp_path, monkeypatch):
+    """A `tokenizer.model`-only original: without sentencepiece the error says what to install; a damaged file, a
+    config that is not a sentencepiece BPE model, are named."""
+    from conversion.convert_llava_uhd import prepare_tokenizer
+
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    source = ROOT / "tests" / "fixtures" / "vicuna_tokenizer"
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).write_bytes((source / name).read_bytes())
+    assert prepare_tokenizer(folder).convert_tokens_to_ids("<image>") == 32000
+
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "sentencepiece", None)
+        with pytest.raises(ConversionError, match=r"needs `sentencepiece` and `protobuf`: pip install -e \"\.\[convert\]\""):
+            prepare_tokenizer(folder)
+
+    (folder / "tokenizer.model").write_bytes(b"\x0a\x05hello-not-a-model")
+    with pytest.raises(ConversionError, match="tokenizer.model is not a sentencepiece model"):
+        prepare_tokenizer(folder)

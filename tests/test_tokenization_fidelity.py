@@ -46,16 +46,19 @@ def vicuna_folder(tmp_path: Path, legacy: bool) -> Path:
 
 @pytest.fixture(scope="module", params=[False, True], ids=["legacy=False", "legacy=True"])
 def processor(request, tmp_path_factory) -> LlavaUhdProcessor:
+    """The processor of a converted checkpoint whose original tokenizer has this `legacy` setting."""
     tokenizer = prepare_tokenizer(vicuna_folder(tmp_path_factory.mktemp("tokenizer"), request.param))
-    processor = LlavaUhdProcessor(
+    return LlavaUhdProcessor(
         image_processor=LlavaUhdImageProcessor(max_slice_nums=1),
         tokenizer=tokenizer,
         num_queries=QUERIES,
         slice_separator_id=29892,
         row_separator_id=13,
     )
-    processor.legacy = request.param
-    return processor
+
+
+def legacy(processor: LlavaUhdProcessor) -> bool:
+    return processor.tokenizer.init_kwargs["legacy"]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +70,7 @@ def image_folder(tmp_path_factory) -> Path:
 
 
 def cases(processor: LlavaUhdProcessor, *kinds: str) -> list[dict]:
-    selected = [case for case in CASES if case["kind"] in kinds and case["legacy"] == processor.legacy]
+    selected = [case for case in CASES if case["kind"] in kinds and case["legacy"] == legacy(processor)]
     assert selected
     return selected
 
@@ -98,7 +101,7 @@ def test_converted_tokenizer_keeps_the_original_settings(tmp_path, processor):
     tokenizer = processor.tokenizer
     tokenizer.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    assert saved["legacy"] is processor.legacy
+    assert saved["legacy"] is legacy(processor)
     assert saved["model_max_length"] == 2048 and saved["padding_side"] == "right" and saved["pad_token"] == "<unk>"
     assert not (tmp_path / "tokenizer.model").exists()  # a fast tokenizer: the folder loads without sentencepiece
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
@@ -111,7 +114,7 @@ def test_leading_space_and_text_after_special_tokens_follow_the_legacy_setting(p
     assert tokenizer(" A bus.")["input_ids"] == [1, 29871, 319, 3593, 29889]  # ▁ ▁A ▁bus .
     # After </s>: no dummy prefix with legacy=False ("USER" 11889), one with legacy=True ("▁US" "ER").
     after = tokenizer("</s>USER", add_special_tokens=False)["input_ids"]
-    assert after == ([2, 3148, 1001] if processor.legacy else [2, 11889])
+    assert after == ([2, 3148, 1001] if legacy(processor) else [2, 11889])
 
 
 # Words, runs of spaces, punctuation, digits, newlines, tabs and non-ASCII (CJK, accents, emoji: byte fallback).
