@@ -1,13 +1,13 @@
 """The tokenizer of an original checkpoint, as a fast tokenizer that tokenizes exactly as the authors' one did.
 
-The released LLaVA-UHD (Vicuna-v1.5) ships a sentencepiece `tokenizer.model` and no `tokenizer.json`; the authors ran it
-through transformers 4.37's slow `LlamaTokenizer`, i.e. sentencepiece itself. transformers 5 converts such a file with
-BPE merges ranked by piece id, so runs of spaces tokenize differently (`"a  b"`: `▁a ▁▁ b` instead of sentencepiece's
-`▁a ▁ ▁b`), and it loads a Llama `tokenizer.json` through a class that rebuilds its pre-tokenizer, dropping the
-original `legacy` setting. Here the merges are ranked by sentencepiece's piece scores (sentencepiece merges the
-highest-scoring pair first, leftmost among equals), and the dummy prefix is applied exactly as sentencepiece and the
-slow tokenizer do: before every text (`legacy=True`) or only at the very start of the input (`legacy=False`), whether
-or not the text starts with a space.
+The released LLaVA-UHD (Vicuna-v1.5) ships a sentencepiece `tokenizer.model` and no `tokenizer.json`; the authors
+ran it through transformers 4.37's slow `LlamaTokenizer`, i.e. sentencepiece itself. transformers 5 converts such a
+file with BPE merges ranked by piece id, so runs of spaces tokenize differently (`"a  b"`: `▁a ▁▁ b` instead of
+sentencepiece's `▁a ▁ ▁b`), and it loads a Llama `tokenizer.json` through a class that rebuilds its pre-tokenizer,
+dropping the original `legacy` setting. Here the merges are ranked by sentencepiece's piece scores (sentencepiece
+merges the highest-scoring pair first, leftmost among equals), and the dummy prefix is applied exactly as
+sentencepiece and the slow tokenizer do: before every text (`legacy=True`) or only at the very start of the input
+(`legacy=False`), whether or not the text starts with a space.
 """
 
 import json
@@ -33,10 +33,12 @@ class TokenizerConversionError(ValueError):
 def load_original_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer of a local folder or Hub repo: its `tokenizer.json` when it has one (Qwen2, fast Llama exports),
     otherwise its sentencepiece `tokenizer.model` converted exactly (`sentencepiece_tokenizer`)."""
-    files = {name: cached_file(str(source), name, _raise_exceptions_for_missing_entries=False) for name in TOKENIZER_FILES}
+    files = {
+        name: cached_file(str(source), name, _raise_exceptions_for_missing_entries=False) for name in TOKENIZER_FILES
+    }
     if files["tokenizer.json"] is None and files["tokenizer.model"] is not None:
         settings = {}
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config's values win, as in transformers
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins, as in transformers
             if files[name] is not None:
                 settings.update(json.loads(Path(files[name]).read_text(encoding="utf-8")))
         return sentencepiece_tokenizer(files["tokenizer.model"], settings)
@@ -50,10 +52,11 @@ def sentencepiece_tokenizer(model_file: str | Path, settings: dict[str, Any]) ->
     proto = _read_model(model_file)
     spec = proto.normalizer_spec
     if proto.trainer_spec.model_type != BPE_MODEL:
-        raise TokenizerConversionError(f"{model_file} is not a BPE sentencepiece model; only BPE (Llama) is supported.")
+        raise TokenizerConversionError(f"{model_file} is not a BPE sentencepiece model; only BPE (Llama) is read.")
     if spec.name != "identity" or spec.precompiled_charsmap or spec.remove_extra_whitespaces:
         raise TokenizerConversionError(
-            f"{model_file} normalizes its input ({spec.name!r}, remove_extra_whitespaces={spec.remove_extra_whitespaces}); "
+            f"{model_file} normalizes its input ({spec.name!r}, "
+            f"remove_extra_whitespaces={spec.remove_extra_whitespaces}); "
             "only the identity normalization of Llama tokenizers is supported."
         )
     if any(piece.type == USER_DEFINED for piece in proto.pieces):
@@ -67,7 +70,7 @@ def sentencepiece_tokenizer(model_file: str | Path, settings: dict[str, Any]) ->
 
     # transformers 4.37 reads a missing `legacy` as True. Spaces become "▁"; the first pre-tokenizer then puts a " "
     # (which the text no longer has) in front of each text (legacy) or of the input's first text only, and the second
-    # turns it into the dummy-prefix "▁": unlike a single Metaspace, this prepends even when the text starts with a space.
+    # turns it into the dummy-prefix "▁": unlike one Metaspace, this prepends even when the text starts with a space.
     legacy = settings.get("legacy")
     prepend = "never" if not spec.add_dummy_prefix else "always" if legacy in (None, True) else "first"
     backend.normalizer = normalizers.Replace(" ", SPIECE_UNDERLINE)

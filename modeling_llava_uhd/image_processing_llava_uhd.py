@@ -1,13 +1,16 @@
 """Image processor for LLaVA-UHD: aspect-ratio-aware slicing into variable-sized crops plus an overview."""
 
+import io
 import math
 import os
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.utils import TensorType
@@ -16,6 +19,8 @@ ImageLike = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 
 # PIL modes holding more than 8 bits per pixel: scaled to 8 bits instead of clipped by `convert("RGB")`.
 _WIDE_MODES = {"I;16": 257.0, "I;16L": 257.0, "I;16B": 257.0, "I;16N": 257.0, "I": 257.0, "F": 1.0}
+EXIF_ORIENTATION = 0x0112
+URL_TIMEOUT = 60
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,11 @@ class LlavaUhdImageProcessor(BaseImageProcessor):
             Per-channel normalisation mean.
         image_std (`tuple[float]`, *optional*, defaults to CLIP's std):
             Per-channel normalisation std.
+        apply_exif_orientation (`bool`, *optional*, defaults to `True`):
+            Turn photos upright by their EXIF orientation tag before slicing, whichever way they come (path, URL, PIL
+            image), as transformers' own image loading does. `False` uses the pixels as stored, as the reference's
+            evaluation (`Image.open`) does; images that transformers loads itself (URLs in chat messages, pipelines)
+            are turned upright before they reach the processor either way.
     """
 
     model_input_names = ["pixel_values", "image_grid_hw", "slice_grid"]
@@ -142,6 +152,7 @@ class LlavaUhdImageProcessor(BaseImageProcessor):
     rescale_factor = 1 / 255
     image_mean = tuple(OPENAI_CLIP_MEAN)
     image_std = tuple(OPENAI_CLIP_STD)
+    apply_exif_orientation = True
 
     def __init__(
         self,
@@ -152,6 +163,7 @@ class LlavaUhdImageProcessor(BaseImageProcessor):
         rescale_factor: float = 1 / 255,
         image_mean: tuple[float, float, float] = tuple(OPENAI_CLIP_MEAN),
         image_std: tuple[float, float, float] = tuple(OPENAI_CLIP_STD),
+        apply_exif_orientation: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -167,6 +179,7 @@ class LlavaUhdImageProcessor(BaseImageProcessor):
         self.rescale_factor = rescale_factor
         self.image_mean = tuple(image_mean)
         self.image_std = tuple(image_std)
+        self.apply_exif_orientation = apply_exif_orientation
 
     def get_slice_layout(self, height: int, width: int, max_slice_nums: int | None = None) -> SliceLayout:
         """Layout of an image of `height x width` pixels (its size before the pre-resize, which is applied here)."""
@@ -212,7 +225,9 @@ class LlavaUhdImageProcessor(BaseImageProcessor):
             raise TypeError(f"Unexpected arguments for LlavaUhdImageProcessor: {sorted(kwargs)}.")
         if return_tensors not in (None, "pt", TensorType.PYTORCH):
             raise ValueError(f"`return_tensors` must be 'pt' or None, got {return_tensors!r}.")
-        images = [_to_rgb(image, index) for index, image in enumerate(_flatten_images(images))]
+        images = [
+            _to_rgb(image, index, self.apply_exif_orientation) for index, image in enumerate(_flatten_images(images))
+        ]
         layouts = [self.get_slice_layout(image.height, image.width, max_slice_nums) for image in images]
         patch = self.patch_size
         grid_hw = [
@@ -260,8 +275,9 @@ def _flatten_images(images) -> list:
     return [images]
 
 
-def _to_rgb(image: ImageLike, index: int) -> Image.Image:
-    """Any supported image input as an RGB PIL image, with an error that names `images[index]`."""
+def _to_rgb(image: ImageLike, index: int, exif_orientation: bool) -> Image.Image:
+    """Any supported image input as an RGB PIL image (upright by its EXIF orientation tag if `exif_orientation`), with
+    an error that names `images[index]`."""
     name = f"images[{index}]"
     if isinstance(image, (str, os.PathLike)):
         image = _open_image(os.fspath(image), name)
@@ -281,6 +297,8 @@ def _to_rgb(image: ImageLike, index: int) -> Image.Image:
         raise ValueError(f"{name} could not be decoded (corrupt or truncated image data): {error}") from error
     if image.width < 1 or image.height < 1:
         raise ValueError(f"{name} is empty: {image.width}x{image.height} pixels.")
+    if exif_orientation and image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
     if image.mode in _WIDE_MODES:
         scaled = np.asarray(image, dtype=np.float64) / _WIDE_MODES[image.mode]
         image = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
@@ -288,14 +306,15 @@ def _to_rgb(image: ImageLike, index: int) -> Image.Image:
 
 
 def _open_image(source: str, name: str) -> Image.Image:
-    if source.startswith(("http://", "https://")):
-        from transformers.image_utils import load_image
-
-        return load_image(source)
     try:
+        if source.startswith(("http://", "https://")):
+            with urllib.request.urlopen(source, timeout=URL_TIMEOUT) as response:
+                return Image.open(io.BytesIO(response.read()))
         return Image.open(source)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"{name}: no image file at {source!r}.") from error
+    except urllib.error.URLError as error:
+        raise ValueError(f"{name}: {source!r} could not be downloaded: {error}") from error
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
         raise ValueError(f"{name}: {source!r} is not a readable image: {error}") from error
 

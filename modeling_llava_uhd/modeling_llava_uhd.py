@@ -16,10 +16,12 @@ from transformers.modeling_outputs import (
     MultimodalCausalLMOutputWithPast,
 )
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_llava_uhd import LlavaUhdConfig
 
+logger = logging.get_logger(__name__)
 # Pooling grids (width, height) of the spatial resampler's boxes, in the reference's order of preference.
 POOLING_SIZES = ((4, 2), (3, 2), (4, 3), (3, 3), (2, 4), (2, 3), (3, 4))
 # Crop shapes whose resampler constants (resized positions, RoIAlign maps) stay cached.
@@ -370,6 +372,14 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
             features = torch.cat(image_outputs.pooler_output).to(inputs_embeds.device, inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(mask[..., None].to(inputs_embeds.device), features)
 
+        length = inputs_embeds.shape[1] + (cache.get_seq_length() if cache is not None else 0)
+        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        if limit is not None and length > limit:
+            logger.warning_once(
+                f"The sequence has {length} positions, more than the {limit} the language model was trained with "
+                "(`max_position_embeddings`): outputs past that are unreliable. Shorten the prompt, pass fewer "
+                "images or lower `max_slice_nums`."
+            )
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -390,6 +400,8 @@ class LlavaUhdForConditionalGeneration(LlavaUhdPreTrainedModel, GenerationMixin)
         self.model = LlavaUhdModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+        if self.generation_config is not None:  # saved with the model: `generate` never emits `<image>`
+            self.generation_config.suppress_tokens = [config.image_token_id]
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
@@ -408,6 +420,18 @@ class LlavaUhdForConditionalGeneration(LlavaUhdPreTrainedModel, GenerationMixin)
     ) -> BaseModelOutputWithPooling:
         """See [`LlavaUhdModel.get_image_features`]."""
         return self.model.get_image_features(pixel_values, image_grid_hw, slice_grid, **kwargs)
+
+    def generate(self, *args, generation_config=None, **kwargs):
+        """[`GenerationMixin.generate`] that never emits the image token, nor the pad token (unless it is an end of
+        sequence), in any decoding mode: they are added to `suppress_tokens`."""
+        config = generation_config if generation_config is not None else self.generation_config
+        ends = kwargs.get("eos_token_id", config.eos_token_id)
+        ends = set(ends if isinstance(ends, (list, tuple)) else [ends])
+        pad = kwargs.get("pad_token_id", config.pad_token_id)
+        blocked = {self.config.image_token_id} | ({pad} - ends - {None})
+        already = kwargs.get("suppress_tokens") or config.suppress_tokens or []
+        kwargs["suppress_tokens"] = sorted(blocked | set(already))
+        return super().generate(*args, generation_config=generation_config, **kwargs)
 
     @can_return_tuple
     def forward(

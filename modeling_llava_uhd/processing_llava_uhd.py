@@ -122,7 +122,9 @@ class LlavaUhdProcessor(ProcessorMixin):
         texts = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("`text` must be a string or a list of strings.")
-        encoded_ids, encoded_offsets, counts = self._tokenize(texts, add_special_tokens, return_offsets_mapping, **kwargs)
+        encoded_ids, encoded_offsets, counts = self._tokenize(
+            texts, add_special_tokens, return_offsets_mapping, **kwargs
+        )
         flat_images = [image for group in self._assign_images(images, counts) for image in group]
         data, grids = {}, []
         if flat_images:

@@ -405,6 +405,67 @@ def test_decompression_bombs_are_refused(tmp_path: Path, monkeypatch: pytest.Mon
     assert PRE(Image.new("L", (100, 100)))["slice_grid"].tolist() == [[2, 3]]
 
 
+# ------------------------------------------------------------------------------------------------ EXIF orientation
+
+
+@pytest.fixture()
+def served(tmp_path: Path):
+    """A loopback HTTP server over `tmp_path`: yields the base URL."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_exif_orientation_is_applied_the_same_way_on_every_route(tmp_path: Path, served: str):
+    """A phone photo stored 1200x400 with orientation 6 (rotate 90 degrees) is a 400x1200 portrait: as a path, a PIL
+    image, a URL given to the processor and a URL in a chat message (loaded by transformers), it is sliced upright."""
+    stored = gradient(1200, 400)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    url = f"{served}/phone.jpg"
+    processor = make_processor(num_queries=1)
+    upright = processor.image_processor.get_slice_layout(1200, 400).grid  # (rows, cols) of the portrait
+    stored_grid = processor.image_processor.get_slice_layout(400, 1200).grid
+    assert upright != stored_grid
+
+    routes = {
+        "path": str(tmp_path / "phone.jpg"),
+        "pil": Image.open(tmp_path / "phone.jpg"),
+        "url": url,
+    }
+    pixels = {}
+    for route, image in routes.items():
+        out = processor.image_processor(image)
+        assert tuple(out["slice_grid"][0].tolist()) == upright, route
+        pixels[route] = out["pixel_values"]
+    assert torch.equal(pixels["path"], pixels["pil"]) and torch.equal(pixels["path"], pixels["url"])
+    messages = [{"role": "user", "content": [{"type": "image", "url": url}, {"type": "text", "text": "Hi"}]}]
+    chat = processor.apply_chat_template(messages, tokenize=True, return_dict=True)
+    assert tuple(chat["slice_grid"][0].tolist()) == upright
+    assert torch.equal(chat["pixel_values"], pixels["path"])
+
+    # As stored (the reference's `Image.open`), for every route the processor loads itself.
+    as_stored = LlavaUhdImageProcessor(apply_exif_orientation=False)
+    for route, image in routes.items():
+        image = Image.open(tmp_path / "phone.jpg") if route == "pil" else image
+        assert tuple(as_stored(image)["slice_grid"][0].tolist()) == stored_grid, route
+
+
+def test_unreachable_url_is_named(served: str):
+    with pytest.raises(ValueError, match=r"images\[0\]: 'http://127.0.0.1:\d+/missing.png' could not be downloaded"):
+        PRE(f"{served}/missing.png")
+
+
 # ------------------------------------------------------------------------------------------------ save / load
 
 
@@ -417,12 +478,14 @@ def test_save_and_load_keep_every_setting(tmp_path: Path):
         rescale_factor=1 / 256,
         image_mean=(0.5, 0.25, 0.125),
         image_std=(0.2, 0.3, 0.4),
+        apply_exif_orientation=False,
     )
     processor.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert saved["max_image_size"] is None and saved["max_slice_nums"] == 4 and saved["patch_size"] == 16
     reloaded = LlavaUhdImageProcessor.from_pretrained(tmp_path)
-    for name in ("max_slice_nums", "scale_resolution", "patch_size", "max_image_size", "rescale_factor"):
+    names = ("max_slice_nums", "scale_resolution", "patch_size", "max_image_size", "rescale_factor")
+    for name in (*names, "apply_exif_orientation"):
         assert getattr(reloaded, name) == getattr(processor, name), name
     assert reloaded.image_mean == processor.image_mean and reloaded.image_std == processor.image_std
     image = gradient(700, 300)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from tiny import make_model, make_processor, photo
+from transformers import GenerationConfig, GenerationMixin
 
 from modeling_llava_uhd import LlavaUhdForConditionalGeneration
 
@@ -195,3 +196,48 @@ def test_bfloat16_and_device_map(processor, tmp_path):
     with torch.no_grad():
         logits = model(**inputs).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+@pytest.mark.parametrize(
+    "decoding",
+    [{"do_sample": False}, {"do_sample": True, "top_k": 0, "temperature": 1.0}, {"num_beams": 3, "do_sample": False}],
+    ids=["greedy", "sampling", "beam_search"],
+)
+def test_generation_never_emits_the_image_or_pad_token(processor, decoding):
+    """A model whose logits favour `<image>`, then `<pad>`: generation continues with other tokens instead of feeding
+    an image token without image features back into the model (which stops it with an error)."""
+    model = make_model()
+    image_id, pad_id = model.config.image_token_id, model.generation_config.pad_token_id
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[image_id], head.bias[pad_id] = 100.0, 90.0
+    model.lm_head = head
+    inputs = _inputs(processor, [photo("coffee", (300, 200))])
+    with torch.no_grad():
+        assert model(**inputs).logits[0, -1].topk(2).indices.tolist() == [image_id, pad_id]
+    model.generation_config.suppress_tokens = None  # a folder saved before `generate` suppressed anything
+    with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+        GenerationMixin.generate(model, **inputs, max_new_tokens=3, do_sample=False)  # what `generate` did before
+
+    torch.manual_seed(0)
+    out = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, **decoding)
+    new = out[0, inputs["input_ids"].shape[1] :].tolist()
+    assert len(new) == 5 and image_id not in new and pad_id not in new
+
+
+def test_saved_generation_config_suppresses_the_image_token(tmp_path):
+    model = make_model()
+    model.save_pretrained(tmp_path)
+    saved = GenerationConfig.from_pretrained(tmp_path)
+    assert saved.suppress_tokens == [model.config.image_token_id]
+
+
+def test_a_sequence_past_the_position_limit_warns(processor, caplog):
+    model = make_model()
+    model.config.text_config.max_position_embeddings = 64
+    inputs = _inputs(processor, [photo("coffee", (300, 200))])  # 16 image tokens + the Vicuna prompt: > 64
+    with caplog.at_level("WARNING"):
+        model(**inputs)
+    assert "more than the 64 the language model was trained with" in caplog.text

@@ -86,7 +86,8 @@ def converted_vicuna(tmp_path_factory) -> tuple:
         shutil.copy(item, original / item.name)
     output = tmp_path_factory.mktemp("converted-vicuna")
     convert(build_parser().parse_args(
-        ["--original", str(original), "--vision-tower", str(FIXTURE / "clip"), "--output", str(output), "--dtype", "float32"]
+        ["--original", str(original), "--vision-tower", str(FIXTURE / "clip"), "--output", str(output),
+         "--dtype", "float32"]
     ))  # the separators are the converter's defaults, Vicuna's ',' (29892) and '\n' (13)
     model = AutoModelForImageTextToText.from_pretrained(output, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(output, trust_remote_code=True)

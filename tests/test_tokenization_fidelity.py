@@ -77,7 +77,8 @@ def cases(processor: LlavaUhdProcessor, *kinds: str) -> list[dict]:
 
 def expected_ids(case: dict, image_token_id: int) -> list[int]:
     """The reference's ids with each -200 placeholder replaced by the image's `QUERIES` image tokens."""
-    return [i for token in case["input_ids"] for i in ([image_token_id] * QUERIES if token == IMAGE_INDEX else [token])]
+    image = [image_token_id] * QUERIES
+    return [i for token in case["input_ids"] for i in (image if token == IMAGE_INDEX else [token])]
 
 
 def expected_labels(case: dict) -> list[int]:
@@ -202,7 +203,7 @@ def test_batched_training_samples_equal_the_samples_alone(processor, image_folde
 
 
 def test_image_positions_are_never_trained_whatever_the_collator(processor, image_folder):
-    """TRL's collator without `assistant_only_loss` labels every token, image tokens included: the model ignores them."""
+    """TRL's collator without `assistant_only_loss` labels every token, image tokens too: the model ignores those."""
     from tiny import make_model
 
     row = convert_llava_row(cases(processor, "train_v1")[0]["row"], image_folder)
