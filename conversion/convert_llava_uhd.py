@@ -1,20 +1,31 @@
 """Convert the authors' LLaVA-UHD checkpoints (LLaVA layout) into a Hub-native LLaVA-UHD folder.
 
     python -m conversion.convert_llava_uhd --original DIR_OR_REPO --vision-tower DIR_OR_REPO --output DIR \\
-        [--dtype bfloat16] [--push-to-hub ORG/NAME [--private]]
+        [--dtype bfloat16] [--overwrite] [--push-to-hub ORG/NAME [--public]]
 
 The conversion streams: each input shard is read tensor by tensor and output shards are written as soon as they
 fill, so peak memory stays near one output shard plus the largest input tensor, not the model size.
+
+It writes into a hidden staging folder beside `--output` and moves it into place only once it is complete and
+checked, so `--output` is never half-written: it is created, or with `--overwrite` an earlier conversion there is
+replaced. A folder holding anything else is refused, and so is one that is, holds or lies inside a source.
 """
 
 import argparse
 import json
+import math
+import os
 import re
 import shutil
+import sys
+import uuid
+import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -54,28 +65,81 @@ VISION_IGNORED = re.compile(r"^(text_model\.|visual_projection\.|text_projection
 EMBEDDING_KEYS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
 # LLaVA-only fields of the original config.json that are not part of the language model's config.
 LLAVA_FIELDS = re.compile(r"^(mm_|image_|tune_|freeze_|tokenizer_|use_mm|unfreeze)")
+# Written last into every converted folder: the names and sizes of the files the conversion wrote (itself excluded).
+MANIFEST = "llava_uhd_conversion.json"
+# Hidden folders beside `--output`: a conversion in progress, and an earlier conversion being replaced. Their names
+# carry the writer's process id, so a later run removes (or puts back) only those whose writer is dead.
+STAGING, REPLACED = "partial", "replaced"
 
 
 class ConversionError(ValueError):
     """The original checkpoint cannot be converted; the message says what is wrong."""
 
 
-def resolve(source: str, allow_patterns: list[str] | None = None) -> Path:
-    """A local folder, or a Hub repo id downloaded with huggingface_hub."""
-    path = Path(source)
+def resolve(source: str, flag: str, allow_patterns: list[str] | None = None) -> tuple[Path, str | None]:
+    """`(folder, repo_id)`: a local folder (`repo_id` None), or a Hub repo `org/name` downloaded with huggingface_hub.
+    A `source` that is neither (`./x`, `/x`, `~/x`, `a/b/c`, `x`) is reported as a missing folder."""
+    path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ConversionError(f"{source!r} is a file; expected a checkpoint folder or a Hub repo id.")
-        return path
+            raise ConversionError(f"{flag} {source!r} is a file; expected a checkpoint folder or a Hub repo id.")
+        return path.resolve(), None
+    try:
+        validate_repo_id(source)  # refuses `.`, `~`, `\`, a leading `/` and more than one `/`
+        is_repo_id = source.count("/") == 1
+    except HFValidationError:
+        is_repo_id = False
+    if not is_repo_id:
+        raise ConversionError(f"{flag} {source!r}: no such folder (and not a Hub repo id of the form org/name).")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(source, allow_patterns=allow_patterns))
+    try:
+        return Path(snapshot_download(source, allow_patterns=allow_patterns)), source
+    except Exception as error:  # huggingface_hub raises many types: missing repo, no network, offline mode, ...
+        raise ConversionError(
+            f"{flag} {source!r} is no local folder and could not be downloaded from the Hub ({type(error).__name__}: "
+            f"{error})"
+        ) from error
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse values that would fail later, before anything is read or written."""
+    if args.pad_vocab_to < 1:
+        raise ConversionError(f"--pad-vocab-to must be a positive integer, got {args.pad_vocab_to}.")
+    if not 0 < args.max_shard_size < math.inf:
+        raise ConversionError(f"--max-shard-size must be a positive number of GiB, got {args.max_shard_size}.")
+    if args.resampler_num_heads is not None and args.resampler_num_heads < 1:
+        raise ConversionError(f"--resampler-num-heads must be a positive integer, got {args.resampler_num_heads}.")
+    if args.push_to_hub:
+        try:
+            validate_repo_id(args.push_to_hub)
+        except HFValidationError as error:
+            raise ConversionError(f"--push-to-hub {args.push_to_hub!r} is not a Hub repo id: {error}") from error
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or a ConversionError naming the file and the problem."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConversionError(f"{path} could not be read as JSON ({error}).") from error
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} holds a JSON {type(data).__name__}, expected an object.")
+    return data
 
 
 def weight_files(folder: Path) -> list[Path]:
     """The checkpoint's weight shards: safetensors first, else PyTorch `.bin` files; anything else is refused.
-    A stage-1 `mm_projector.bin` is not a shard of the model (see `--text-model`)."""
+    A stage-1 `mm_projector.bin` is not a shard of the model (see `--text-model`). A shard that the format's index
+    (`model.safetensors.index.json`, `pytorch_model.bin.index.json`) names but the folder lacks is reported by name."""
     for pattern in ("*.safetensors", "*.bin"):
+        for index in sorted(folder.glob(f"{pattern}.index.json")):
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{index} has no `weight_map` object.")
+            absent = sorted(str(name) for name in set(weight_map.values()) if not (folder / str(name)).is_file())
+            if absent:
+                raise ConversionError(f"{folder} lacks {', '.join(absent)}, named in {index.name} (incomplete copy?).")
         files = sorted(p for p in folder.glob(pattern) if p.name != STAGE1_PROJECTOR)
         if files:
             return files
@@ -96,8 +160,8 @@ def iter_tensors(path: Path, keep=lambda name: True) -> Iterator[tuple[str, torc
         except SafetensorError as error:
             raise ConversionError(f"{path} is not a valid safetensors file: {error}") from error
         return
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:  # only zip files (torch >= 1.6's format) can be memory-mapped; legacy files are read whole
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as error:  # torch raises many types for corrupt or unsafe pickles
         raise ConversionError(f"{path} could not be read as a PyTorch state dict ({type(error).__name__}: {error})") from error
     if not isinstance(state, dict):
@@ -118,7 +182,10 @@ def text_config_from(original: dict) -> dict:
 def build_config(original: dict, vision_folder: Path, projector: dict[str, torch.Tensor], args) -> LlavaUhdConfig:
     text_config = text_config_from(original)
     spatial = original.get("mm_projector_type") == "adapt_spatial_resampler"
-    vision_config = CLIPVisionConfig.from_pretrained(vision_folder)
+    try:
+        vision_config = CLIPVisionConfig.from_pretrained(vision_folder)
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"--vision-tower {vision_folder} is not a CLIP checkpoint: {error}") from error
     # The release ties heads to the LLM width; the paper's code used the vision width (1024 // 128 = 8).
     default_heads = (text_config["hidden_size"] if spatial else vision_config.hidden_size) // 128
     return LlavaUhdConfig(
@@ -214,17 +281,186 @@ def map_key(name: str) -> str | None:
     return None
 
 
+def sibling_prefix(output: Path, kind: str) -> str:
+    """The name prefix of the hidden `kind` folders (STAGING or REPLACED) beside `output`; a process id follows it."""
+    return f".{output.name}.llava-uhd-{kind}-"
+
+
+def sibling(output: Path, kind: str) -> Path:
+    """A new name for a hidden `kind` folder of this process beside `output`."""
+    return output.parent / f"{sibling_prefix(output, kind)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def writer_alive(name: str, prefix: str) -> bool:
+    """Whether the process whose id follows `prefix` in `name` still runs; unknown counts as running."""
+    pid = name.removeprefix(prefix).split("-", 1)[0]
+    if os.name != "posix" or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, but another user's
+        return True
+    return True
+
+
+def tidy_siblings(output: Path) -> None:
+    """Clear what killed conversions left beside `output`: their staging folders go; an earlier conversion that was
+    moved aside to be replaced goes back into place when `output` is missing, and goes otherwise."""
+    if not output.parent.is_dir():
+        return
+    for kind in (REPLACED, STAGING):
+        prefix = sibling_prefix(output, kind)
+        for path in sorted(output.parent.iterdir()):
+            ours = path.name.startswith(prefix) and path.is_dir() and not path.is_symlink()
+            if not ours or writer_alive(path.name, prefix):
+                continue
+            if kind == REPLACED and not output.exists():
+                path.rename(output)
+            else:
+                shutil.rmtree(path)
+
+
+def check_output(output: Path, folders: dict[str, Path], overwrite: bool) -> None:
+    """Refuse an `--output` that is a file, is / holds / lies inside a source folder, or holds anything but an earlier
+    conversion (which only `overwrite` lets us replace)."""
+    if output.exists() and not output.is_dir():
+        raise ConversionError(f"--output {output} is a file; expected a new or empty folder.")
+    for flag, source in folders.items():
+        if output == source:
+            relation = "is"
+        elif output.is_relative_to(source):
+            relation = "lies inside"
+        elif source.is_relative_to(output):
+            relation = "contains"
+        else:
+            continue
+        raise ConversionError(f"--output {output} {relation} the {flag} folder {source}; choose a separate folder.")
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    try:
+        ours = {MANIFEST, *manifest_sizes(output)}
+    except ConversionError:
+        ours = set()
+    foreign = sorted(p.name for p in output.iterdir() if p.name not in ours or not p.is_file())
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConversionError(
+            f"--output {output} holds files the converter did not write ({listed}); choose a new or empty folder."
+        )
+    if not overwrite:
+        raise ConversionError(
+            f"--output {output} holds an earlier conversion; pass --overwrite to replace it once the new one succeeds."
+        )
+
+
+@contextmanager
+def staging_folder(output: Path) -> Iterator[Path]:
+    """A fresh hidden folder beside `output` to write the conversion into; removed on exit unless moved into place."""
+    staging = sibling(output, STAGING)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def move_into_place(staging: Path, output: Path) -> None:
+    """Rename the finished `staging` to `output`. An earlier conversion there is moved aside first and removed last,
+    so a kill at any moment leaves the old or the new conversion (or the old one aside, which `tidy_siblings` puts
+    back)."""
+    if output.is_dir() and not any(output.iterdir()):
+        output.rmdir()
+    if not output.exists():
+        staging.rename(output)
+        return
+    aside = sibling(output, REPLACED)
+    output.rename(aside)
+    try:
+        staging.rename(output)
+    except OSError:
+        aside.rename(output)
+        raise
+    shutil.rmtree(aside)
+
+
+def write_manifest(folder: Path) -> None:
+    """List every file in `folder` with its size in its MANIFEST, so that an incomplete copy can be told apart."""
+    files = {path.name: path.stat().st_size for path in sorted(folder.iterdir()) if path.is_file()}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=2) + "\n")
+
+
+def manifest_sizes(folder: Path) -> dict[str, int]:
+    """`{file name: size}` of the files the conversion in `folder` wrote, from its manifest."""
+    files = read_json(folder / MANIFEST).get("files")
+    plain = lambda name: Path(name).name == name and name not in (".", "..", MANIFEST)
+    if not isinstance(files, dict) or not all(plain(name) and isinstance(size, int) for name, size in files.items()):
+        raise ConversionError(f"{folder / MANIFEST} is damaged: expected {{\"files\": {{file name: size}}}}.")
+    return files
+
+
+def converted_files(folder: str | Path) -> list[str]:
+    """The names of the files a conversion wrote into `folder` (its manifest included; nothing else the folder holds),
+    once they are all there at their recorded sizes, `config.json` parses and the weights open: the index and every
+    shard it names with their tensors, or the single `model.safetensors`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConversionError(f"{folder} is not a folder.")
+    if not (folder / MANIFEST).is_file():
+        raise ConversionError(
+            f"{folder} has no {MANIFEST}: not a finished conversion (an interrupted or older one?); convert again."
+        )
+    sizes = manifest_sizes(folder)
+    problems = []
+    for name, size in sizes.items():
+        if not (folder / name).is_file():
+            problems.append(f"{name} is missing")
+        elif (folder / name).stat().st_size != size:
+            problems.append(f"{name} has {(folder / name).stat().st_size} bytes, not {size}")
+    if problems:
+        raise ConversionError(f"{folder} is not the complete conversion its {MANIFEST} lists: {'; '.join(problems)}.")
+    read_json(folder / "config.json")
+    index = folder / "model.safetensors.index.json"
+    if index.name in sizes:
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{index} has no `weight_map` object.")
+        shards: dict[str, set[str]] = {}
+        for key, name in weight_map.items():
+            shards.setdefault(name, set()).add(key)
+    elif "model.safetensors" in sizes:
+        shards = {"model.safetensors": set()}
+    else:
+        raise ConversionError(f"{folder} has no weights: neither model.safetensors nor its index.")
+    for name, keys in shards.items():
+        if name not in sizes:
+            raise ConversionError(f"{index} names {name}, which is not among the files the conversion wrote.")
+        try:
+            with safe_open(folder / name, framework="pt") as shard:
+                absent = sorted(keys - set(shard.keys()))
+        except SafetensorError as error:
+            raise ConversionError(f"{folder / name} does not open as safetensors: {error}") from error
+        if absent:
+            raise ConversionError(f"{folder / name} lacks {len(absent)} tensors {index.name} puts there: {absent[:5]}.")
+    return sorted([*sizes, MANIFEST])
+
+
 def convert(args: argparse.Namespace) -> dict:
-    original = resolve(args.original)
-    vision_folder = resolve(args.vision_tower, ["*.json", "*.safetensors", "*.bin"])
-    output = Path(args.output)
+    check_arguments(args)
+    original, original_repo = resolve(args.original, "--original")
+    vision_folder, vision_repo = resolve(args.vision_tower, "--vision-tower", ["*.json", "*.safetensors", "*.bin"])
+    # A stage-1 folder holds only `mm_projector.bin`; its LLM then comes from --text-model.
+    text_folder = resolve(args.text_model, "--text-model")[0] if args.text_model else original
+    output = Path(args.output).expanduser().resolve()
+    folders = {"--original": original, "--vision-tower": vision_folder, "--text-model": text_folder}
+    tidy_siblings(output)
+    check_output(output, folders, args.overwrite)
     config_path = original / "config.json"
     if not config_path.is_file():
         raise ConversionError(f"{original} has no config.json; expected an original LLaVA-UHD checkpoint folder.")
-    original_config = json.loads(config_path.read_text())
+    original_config = read_json(config_path)
 
-    # A stage-1 folder holds only `mm_projector.bin`; its LLM then comes from --text-model.
-    text_folder = Path(args.text_model) if args.text_model else original
     stage1 = original / STAGE1_PROJECTOR
     if not args.text_model and stage1.is_file() and not any(original.glob("*.safetensors")):
         if not [p for p in original.glob("*.bin") if p.name != STAGE1_PROJECTOR]:
@@ -263,58 +499,61 @@ def convert(args: argparse.Namespace) -> dict:
     with torch.device("meta"):
         expected = {k: v.shape for k, v in LlavaUhdForConditionalGeneration(config).state_dict().items()}
 
-    output.mkdir(parents=True, exist_ok=True)
-    for stale in output.glob("*.safetensors"):
-        stale.unlink()
-    writer = ShardWriter(output, int(args.max_shard_size * 2**30))
-    written, unmapped, mismatched = set(), [], []
-
-    def emit(name: str, tensor: torch.Tensor) -> None:
-        if name in EMBEDDING_KEYS:
-            tensor = grow_embedding(tensor.float(), config.text_config.vocab_size, seed=EMBEDDING_KEYS.index(name))
-        if name not in expected:
-            unmapped.append(name)
-        elif tuple(tensor.shape) != tuple(expected[name]):
-            mismatched.append(f"{name}: {tuple(tensor.shape)} != expected {tuple(expected[name])}")
-        elif name not in written:
-            written.add(name)
-            writer.add(name, tensor.to(dtype))
-
     vision_files = weight_files(vision_folder)
-    for path in tqdm(sources + vision_files, desc="Converting shards", unit="shard"):
-        for key, tensor in iter_tensors(path):
-            if path in vision_files:
-                if VISION_IGNORED.match(key):
-                    continue
-                pattern, replacement = VISION_RULE
-                name = pattern.sub(replacement, key) if pattern.match(key) else None
-            else:
-                if IGNORED_KEYS.search(key):
-                    continue
-                name = map_key(key)
-            if name is None:
-                unmapped.append(f"{path.name}: {key}")
-            else:
-                emit(name, tensor)
-    missing = sorted(set(expected) - written)
-    problems = [("unmapped keys", unmapped), ("shape mismatches", mismatched), ("missing keys", missing)]
-    if any(items for _, items in problems):
-        for tmp in output.glob("part-*.tmp"):
-            tmp.unlink()
-        details = "; ".join(f"{len(items)} {what}: {', '.join(items[:20])}" for what, items in problems if items)
-        raise ConversionError(f"The checkpoint does not map onto LLaVA-UHD: {details}.")
-    shards = writer.finish()
+    with staging_folder(output) as staging:
+        writer = ShardWriter(staging, int(args.max_shard_size * 2**30))
+        written, unmapped, mismatched = set(), [], []
 
-    config.save_pretrained(output)
-    package = Path(modeling_llava_uhd.__file__).parent
-    for name in BUNDLE_FILES:
-        shutil.copyfile(package / name, output / name)
-    generation = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
-    generation.save_pretrained(output)
-    processor.save_pretrained(output)
-    write_model_card(output, config, args.original, args.vision_tower)
+        def emit(name: str, tensor: torch.Tensor) -> None:
+            if name in EMBEDDING_KEYS:
+                tensor = grow_embedding(tensor.float(), config.text_config.vocab_size, seed=EMBEDDING_KEYS.index(name))
+            if name not in expected:
+                unmapped.append(name)
+            elif tuple(tensor.shape) != tuple(expected[name]):
+                mismatched.append(f"{name}: {tuple(tensor.shape)} != expected {tuple(expected[name])}")
+            elif name not in written:
+                written.add(name)
+                writer.add(name, tensor.to(dtype))
+
+        for path in tqdm(sources + vision_files, desc="Converting shards", unit="shard", disable=None):
+            for key, tensor in iter_tensors(path):
+                if path in vision_files:
+                    if VISION_IGNORED.match(key):
+                        continue
+                    pattern, replacement = VISION_RULE
+                    name = pattern.sub(replacement, key) if pattern.match(key) else None
+                else:
+                    if IGNORED_KEYS.search(key):
+                        continue
+                    name = map_key(key)
+                if name is None:
+                    unmapped.append(f"{path.name}: {key}")
+                else:
+                    emit(name, tensor)
+        missing = sorted(set(expected) - written)
+        problems = [("unmapped keys", unmapped), ("shape mismatches", mismatched), ("missing keys", missing)]
+        if any(items for _, items in problems):
+            details = "; ".join(f"{len(items)} {what}: {', '.join(items[:20])}" for what, items in problems if items)
+            raise ConversionError(f"The checkpoint does not map onto LLaVA-UHD: {details}.")
+        shards = writer.finish()
+
+        config.save_pretrained(staging)
+        package = Path(modeling_llava_uhd.__file__).parent
+        for name in BUNDLE_FILES:
+            shutil.copyfile(package / name, staging / name)
+        generation = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            suppress_tokens=[config.image_token_id],  # `generate` never emits `<image>`
+        )
+        generation.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        write_model_card(staging, config, original_repo or original, vision_repo or vision_folder)
+        write_manifest(staging)
+        converted_files(staging)
+        check_output(output, folders, args.overwrite)  # again: the folder may have changed while we converted
+        move_into_place(staging, output)
 
     summary = {
         "parameters": sum(int(torch.Size(s).numel()) for s in expected.values()),
@@ -328,21 +567,37 @@ def convert(args: argparse.Namespace) -> dict:
     return summary
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser that reports usage errors in one line on stderr (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def one_line(error: Exception) -> str:
+    """An error as one line: its message, led by its type unless it is one of ours."""
+    text = str(error) if isinstance(error, ConversionError) else f"{type(error).__name__}: {error}"
+    return " ".join(text.split())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m conversion.convert_llava_uhd", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m conversion.convert_llava_uhd", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--original", required=True, help="original checkpoint folder or Hub repo id")
     parser.add_argument("--vision-tower", required=True, help="CLIP checkpoint folder or Hub repo id")
-    parser.add_argument("--output", required=True, help="folder to write the converted model to")
+    parser.add_argument("--output", required=True, help="folder to write the converted model to (new or empty)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier conversion in --output, once the new one has succeeded")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--text-model", help="LLM checkpoint folder, when --original is a stage-1 folder (mm_projector.bin)")
+    parser.add_argument("--text-model", help="LLM folder or Hub repo id, when --original is a stage-1 folder")
     parser.add_argument("--slice-separator-id", type=int, default=REFERENCE_SLICE_SEPARATOR_ID)
     parser.add_argument("--row-separator-id", type=int, default=REFERENCE_ROW_SEPARATOR_ID)
     parser.add_argument("--resampler-num-heads", type=int, help="override the resampler's head count")
     parser.add_argument("--pad-vocab-to", type=int, default=64, help="pad the vocabulary to a multiple of this")
     parser.add_argument("--max-shard-size", type=float, default=5.0, help="output shard size in GiB")
-    parser.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the converted folder to this Hub repo")
-    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    parser.add_argument("--push-to-hub", metavar="ORG/NAME", help="then upload the conversion (see conversion.publish)")
+    parser.add_argument("--public", action="store_true", help="create the Hub repo public (default: private)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     return parser
 
 
@@ -350,8 +605,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = convert(args)
-    except ConversionError as error:
-        print(f"conversion failed: {error}")
+    except Exception as error:
+        if args.debug:
+            raise
+        print(f"conversion failed: {one_line(error)}", file=sys.stderr)
         return 1
     print("Converted LLaVA-UHD checkpoint")
     for key, value in summary.items():
@@ -359,7 +616,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.push_to_hub:
         from .publish import publish
 
-        print(publish(args.output, args.push_to_hub, private=args.private))
+        try:
+            print(publish(args.output, args.push_to_hub, public=args.public))
+        except Exception as error:
+            if args.debug:
+                raise
+            print(f"publish failed (the conversion in {args.output} is complete): {one_line(error)}", file=sys.stderr)
+            return 1
     return 0
 
 

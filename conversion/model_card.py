@@ -12,7 +12,17 @@ CITATION = """@inproceedings{guo2024llava-uhd,
 }"""
 
 
-def write_model_card(folder: Path, config: LlavaUhdConfig, original: str, vision_tower: str) -> Path:
+def source_name(source: str | Path) -> str:
+    """A Hub id as it is; a local folder by its name only (its path would expose the converting machine's layout)."""
+    return f"`{source}`" if isinstance(source, str) else f"the local folder `{source.name}`"
+
+
+def write_model_card(folder: Path, config: LlavaUhdConfig, original: str | Path, vision_tower: str | Path) -> Path:
+    """Write README.md into `folder`. `original` and `vision_tower` are the Hub ids the sources were downloaded from,
+    or (a `Path`) the local folders they were read from; only Hub ids become `base_model` metadata."""
+    hub_ids = [source for source in (original, vision_tower) if isinstance(source, str)]
+    base_model = "".join(f"\n- {source}" for source in hub_ids)
+    base_model = f"\nbase_model:{base_model}" if hub_ids else ""
     variant = (
         "release variant: spatially constrained resampler"
         if config.projector_type == "spatial_resampler"
@@ -21,10 +31,7 @@ def write_model_card(folder: Path, config: LlavaUhdConfig, original: str, vision
     text = f"""---
 library_name: transformers
 pipeline_tag: image-text-to-text
-license: apache-2.0
-base_model:
-- {original}
-- {vision_tower}
+license: apache-2.0{base_model}
 tags:
 - llava-uhd
 - llava
@@ -39,8 +46,9 @@ tags:
 each image is cut into up to 7 variable-sized slices plus an overview, every slice is compressed to
 {config.num_queries} tokens, and the slices are laid out row by row in the language model's input.
 
-Converted from `{original}` with the vision tower `{vision_tower}` by the `llava-uhd` package
-(`python -m conversion.convert_llava_uhd`). The code is in this repository: load it with `trust_remote_code=True`.
+Converted by the `llava-uhd` package (`python -m conversion.convert_llava_uhd`) from {source_name(original)}
+(language model and resampler) and {source_name(vision_tower)} (vision tower). The code is in this repository: load it
+with `trust_remote_code=True`.
 
 ## Usage
 

@@ -1,54 +1,55 @@
 """Publish a converted LLaVA-UHD folder to the Hugging Face Hub.
 
-    python -m conversion.publish FOLDER ORG/NAME [--private] [--dry-run]
+    python -m conversion.publish FOLDER ORG/NAME [--public] [--dry-run]
 
-The token comes from the environment (`HF_TOKEN`) or `huggingface-cli login`.
+Only the files the conversion wrote (its manifest lists them) are uploaded, once the folder checks complete and its
+weights open; anything else in the folder stays local. The repo is created private unless `--public`; an existing
+repo keeps its visibility. The token comes from the environment (`HF_TOKEN`) or `huggingface-cli login`.
 """
 
 import argparse
+import sys
 from pathlib import Path
 
-REQUIRED = ("config.json", "modeling_llava_uhd.py", "configuration_llava_uhd.py", "processor_config.json", "README.md")
+from huggingface_hub.utils import validate_repo_id
+
+from .convert_llava_uhd import OneLineParser, converted_files, one_line
 
 
-def check_folder(folder: Path) -> list[Path]:
-    """The files to upload; refuses a folder that is not a complete converted model."""
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder.")
-    missing = [name for name in REQUIRED if not (folder / name).is_file()]
-    if not any(folder.glob("*.safetensors")):
-        missing.append("*.safetensors")
-    if missing:
-        raise ValueError(f"{folder} is not a converted LLaVA-UHD folder; missing: {', '.join(missing)}.")
-    return sorted(p for p in folder.iterdir() if p.is_file())
-
-
-def publish(folder: str | Path, repo_id: str, private: bool = False, dry_run: bool = False) -> str:
-    """Create `repo_id` (if needed) and upload `folder`; with `dry_run`, only list what would be uploaded."""
-    files = check_folder(Path(folder))
+def publish(folder: str | Path, repo_id: str, public: bool = False, dry_run: bool = False) -> str:
+    """Create `repo_id` (private unless `public`) if needed and upload the converted files of `folder`; with
+    `dry_run`, only list what would be uploaded."""
+    validate_repo_id(repo_id)
+    folder = Path(folder)
+    names = converted_files(folder)
+    visibility = "public" if public else "private"
     if dry_run:
-        lines = [f"Would upload {len(files)} files to {repo_id} ({'private' if private else 'public'}):"]
-        lines += [f"  {p.name:40s} {p.stat().st_size:>14,d} bytes" for p in files]
+        lines = [f"Would upload {len(names)} files to {repo_id} ({visibility} if created):"]
+        lines += [f"  {name:40s} {(folder / name).stat().st_size:>14,d} bytes" for name in names]
         return "\n".join(lines)
-    from huggingface_hub import create_repo, upload_folder
+    from huggingface_hub import CommitOperationAdd, create_commit, create_repo
 
-    url = create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload LLaVA-UHD (converted)")
-    return f"Uploaded {len(files)} files to {url}"
+    url = create_repo(repo_id, private=not public, exist_ok=True, repo_type="model")
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=folder / name) for name in names]
+    create_commit(repo_id, operations, commit_message="Upload LLaVA-UHD (converted)")
+    return f"Uploaded {len(names)} files to {url}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m conversion.publish", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m conversion.publish", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder")
     parser.add_argument("repo_id", metavar="ORG/NAME")
-    parser.add_argument("--private", action="store_true")
-    parser.add_argument("--dry-run", action="store_true", help="list what would be uploaded, upload nothing")
+    parser.add_argument("--public", action="store_true", help="create the repo public (default: private)")
+    parser.add_argument("--dry-run", action="store_true", help="check the folder and list what would be uploaded")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     args = parser.parse_args(argv)
     try:
-        print(publish(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run))
-    except ValueError as error:
-        print(f"publish failed: {error}")
+        print(publish(args.folder, args.repo_id, public=args.public, dry_run=args.dry_run))
+    except Exception as error:
+        if args.debug:
+            raise
+        print(f"publish failed: {one_line(error)}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,20 +1,82 @@
 """`llava-uhd` command line: inspect how an image is sliced, or chat with a model about an image."""
 
 import argparse
+import json
+import re
 import sys
+import warnings
+from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
+from .configuration_llava_uhd import LlavaUhdConfig
 from .image_processing_llava_uhd import LlavaUhdImageProcessor, SliceLayout
 
 
+class CliError(Exception):
+    """A problem with what the user asked for; its message is the whole report."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line on stderr (exit code 2), like every other failure of `llava-uhd`."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {number}")
+    return number
+
+
 def _max_image_size(value: str) -> int | None:
-    return None if value.lower() == "none" else int(value)
+    if value.lower() == "none":
+        return None
+    try:
+        return _positive_int(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1 or 'none', got {value!r}") from None
 
 
 def image_token_cost(layout: SliceLayout, num_queries: int) -> tuple[int, int]:
     """(image tokens, separator tokens) an image with `layout` occupies in the LLM sequence."""
     return layout.num_crops * num_queries, layout.num_slices
+
+
+def open_image(path: str) -> Image.Image:
+    """The image file at `path`, decoded in full, so that a missing, unreadable, corrupt, truncated or oversized file
+    fails here, with its name, before anything slow happens. Images over Pillow's `Image.MAX_IMAGE_PIXELS` (a
+    decompression bomb's sign) are refused, not only those over twice that."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:  # closes the file, keeps the decoded pixels
+                image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{int(pixels[1]):,} pixels" if pixels else "too many pixels"
+        raise CliError(
+            f"image {path!r} has {size}, over Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} "
+            f"(PIL.Image.MAX_IMAGE_PIXELS): refused as a possible decompression bomb"
+        ) from None
+    except FileNotFoundError:
+        raise CliError(f"image {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise CliError(f"image {path!r} is a folder, not an image file") from None
+    except PermissionError:
+        raise CliError(f"image {path!r} cannot be read (permission denied)") from None
+    except Image.UnidentifiedImageError:
+        raise CliError(f"image {path!r} is not an image file Pillow can read (corrupt or unknown format)") from None
+    except (OSError, SyntaxError, ValueError) as error:  # what Pillow raises for damaged data
+        raise CliError(f"image {path!r} could not be decoded (corrupt or truncated): {error}") from None
+    if image.width < 1 or image.height < 1:
+        raise CliError(f"image {path!r} is empty ({image.width}x{image.height} pixels)")
+    return image
 
 
 def draw_slices(image: Image.Image, layout: SliceLayout) -> Image.Image:
@@ -36,79 +98,211 @@ def draw_slices(image: Image.Image, layout: SliceLayout) -> Image.Image:
 
 def slices(args: argparse.Namespace) -> None:
     processor = LlavaUhdImageProcessor(max_image_size=args.max_image_size)
-    with Image.open(args.image) as image:
-        image.load()
-        layout = processor.get_slice_layout(image.height, image.width, args.max_slices)
-        image_tokens, separators = image_token_cost(layout, args.num_queries)
-        print(f"image:     {args.image} ({image.width}x{image.height}, W x H)")
-        print(f"sliced at: {layout.image_size[1]}x{layout.image_size[0]}")
-        if layout.grid is None:
-            print("grid:      not sliced (overview only)")
-        else:
-            rows, cols = layout.grid
-            print(f"grid:      {rows} row(s) x {cols} column(s) = {layout.num_slices} slices")
-            print(f"slice:     {layout.slice_size[1]}x{layout.slice_size[0]}")
-        print(f"overview:  {layout.overview_size[1]}x{layout.overview_size[0]}")
-        print(f"tokens:    {image_tokens} image + {separators} separator = {image_tokens + separators} "
-              f"({layout.num_crops} crops x {args.num_queries} queries)")
-        if args.out:
-            draw_slices(image, layout).save(args.out)
-            print(f"drawn:     {args.out}")
+    image = open_image(args.image)
+    if processor.apply_exif_orientation:  # the processor slices the upright photo
+        image = ImageOps.exif_transpose(image)
+    layout = processor.get_slice_layout(image.height, image.width, args.max_slices)
+    image_tokens, separators = image_token_cost(layout, args.num_queries)
+    print(f"image:     {args.image} ({image.width}x{image.height}, W x H)")
+    print(f"sliced at: {layout.image_size[1]}x{layout.image_size[0]}")
+    if layout.grid is None:
+        print("grid:      not sliced (overview only)")
+    else:
+        rows, cols = layout.grid
+        print(f"grid:      {rows} row(s) x {cols} column(s) = {layout.num_slices} slices")
+        print(f"slice:     {layout.slice_size[1]}x{layout.slice_size[0]}")
+    print(f"overview:  {layout.overview_size[1]}x{layout.overview_size[0]}")
+    print(
+        f"tokens:    {image_tokens} image + {separators} separator = {image_tokens + separators} "
+        f"({layout.num_crops} crops x {args.num_queries} queries)"
+    )
+    if args.out:
+        draw_slices(image, layout).save(args.out)
+        print(f"drawn:     {args.out}")
+
+
+def check_device(spec: str):
+    """`spec` as a `torch.device` this machine can use, or a one-line reason why not."""
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise CliError(f"--device {spec!r} is not a torch device; expected e.g. cpu, cuda, cuda:1 or mps") from None
+    if device.type == "meta":
+        raise CliError("--device meta holds no weights; use cpu or a GPU such as cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        reason = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise CliError(f"--device {spec}: CUDA is not available ({reason}); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CliError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, ValueError) as error:  # per backend; the first line says why
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CliError(f"--device {spec} is not usable on this machine: {first}") from None
+    return device
+
+
+def model_config(model: str) -> dict:
+    """`config.json` of a model folder or Hub repo id, read as data: no code of the model runs."""
+    folder = Path(model)
+    if folder.is_dir():
+        path = folder / "config.json"
+        if not path.is_file():
+            raise CliError(f"--model {model!r} is a folder without a config.json, not a saved model")
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CliError(f"--model {model!r}: its config.json is not readable JSON ({error})") from None
+    elif folder.exists():
+        raise CliError(f"--model {model!r} is a file; expected a model folder or a Hub repo id")
+    elif model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model:
+        raise CliError(f"--model {model!r}: no such folder")
+    else:  # a Hub repo id: only its config.json is fetched
+        from transformers import PretrainedConfig
+
+        config, _ = PretrainedConfig.get_config_dict(model)
+    if not isinstance(config, dict):
+        raise CliError(f"--model {model!r}: config.json holds {type(config).__name__}, expected a JSON object")
+    return config
+
+
+def check_loadable(model: str) -> None:
+    """Refuse, before anything loads, a model that only its own code could load: without `--trust-remote-code`
+    `llava-uhd` loads LLaVA-UHD models (config `model_type` "llava_uhd") with this package's installed classes, so
+    the `.py` files a folder carries never run."""
+    config = model_config(model)
+    model_type = config.get("model_type")
+    if model_type != LlavaUhdConfig.model_type:
+        code = " and carries its own code (auto_map)" if "auto_map" in config else ""
+        raise CliError(
+            f"--model {model!r} is not a LLaVA-UHD model (config.json model_type {model_type!r}, expected "
+            f"{LlavaUhdConfig.model_type!r}){code}; pass --trust-remote-code to load it with its own code, "
+            f"only if you trust it"
+        )
+
+
+def load_processor(model: str, trust_remote_code: bool):
+    if trust_remote_code:  # the code its auto_map names runs, as in transformers
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(model, trust_remote_code=True)
+    from .processing_llava_uhd import LlavaUhdProcessor
+
+    return LlavaUhdProcessor.from_pretrained(model, trust_remote_code=False)
+
+
+def load_model(model: str, trust_remote_code: bool, dtype):
+    if trust_remote_code:
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText.from_pretrained(model, trust_remote_code=True, dtype=dtype)
+    from .modeling_llava_uhd import LlavaUhdForConditionalGeneration
+
+    return LlavaUhdForConditionalGeneration.from_pretrained(model, trust_remote_code=False, dtype=dtype)
 
 
 def chat(args: argparse.Namespace) -> None:
+    # What the user typed is checked before the model loads: a typo costs no load.
+    if not args.prompt.strip():
+        raise CliError("--prompt is empty; ask a question about the image")
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from .default_model import default_model_path
+    device = check_device(args.device)
+    image = open_image(args.image)
+    if args.model is None:  # this package's own model
+        from .default_model import default_model_path
 
-    path = default_model_path() if args.model is None else args.model
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else "auto"
-    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, dtype=dtype)
-    model = model.to(args.device).eval()
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+        path = str(default_model_path())
+    else:
+        path = args.model
+    if not args.trust_remote_code:
+        check_loadable(path)
+    if not args.debug and not sys.stderr.isatty():  # no progress bars where a script reads stderr
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+    processor = load_processor(path, args.trust_remote_code)
+    image_token = getattr(processor, "image_token", None)
+    if image_token and image_token in args.prompt:
+        raise CliError(
+            f"--prompt contains the image token {image_token!r}; the image goes before the prompt by itself"
+        )
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    with Image.open(args.image) as image:
-        inputs = processor(images=image.convert("RGB"), text=prompt, return_tensors="pt").to(args.device)
+    inputs = processor(images=image, text=prompt, return_tensors="pt").to(device)
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else "auto"
+    model = load_model(path, args.trust_remote_code, dtype).to(device).eval()
     with torch.inference_mode():
         output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     print(processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llava-uhd", description=__doc__)
+    common = _Parser(add_help=False)
+    # On the command too (`llava-uhd chat ... --debug`); SUPPRESS keeps a top-level `--debug` from being reset.
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    parser = _Parser(prog="llava-uhd", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure, not one line")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    slice_parser = commands.add_parser("slices", help="print (and draw) how an image is sliced")
+    slice_parser = commands.add_parser("slices", parents=[common], help="print (and draw) how an image is sliced")
     slice_parser.add_argument("image", help="image file")
-    slice_parser.add_argument("--max-slices", type=int, default=None, help="most slices (default 7)")
+    slice_parser.add_argument("--max-slices", type=_positive_int, default=None, help="most slices (default 7)")
     slice_parser.add_argument(
         "--max-image-size", type=_max_image_size, default=1024, help="long-side pre-resize, or 'none' (default 1024)"
     )
-    slice_parser.add_argument("--num-queries", type=int, default=144, help="tokens per crop (default 144)")
+    slice_parser.add_argument("--num-queries", type=_positive_int, default=144, help="tokens per crop (default 144)")
     slice_parser.add_argument("--out", help="write the image with the slice grid drawn on it to this PNG")
     slice_parser.set_defaults(func=slices)
 
-    chat_parser = commands.add_parser("chat", help="answer a question about an image")
+    chat_parser = commands.add_parser("chat", parents=[common], help="answer a question about an image")
     chat_parser.add_argument(
         "--model", help="model folder or Hub repo id (default: the bundled default model, see README)"
     )
     chat_parser.add_argument("--image", required=True, help="image file")
     chat_parser.add_argument("--prompt", required=True, help="question about the image")
-    chat_parser.add_argument("--max-new-tokens", type=int, default=128)
-    chat_parser.add_argument("--device", default="cpu")
+    chat_parser.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    chat_parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps ... (default cpu)")
     chat_parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    chat_parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the model's own Python files (its config's auto_map) run, as transformers' trust_remote_code does: "
+        "only for a model you trust. Without it, LLaVA-UHD models load with this package's installed classes and "
+        "other models are refused",
+    )
     chat_parser.set_defaults(func=chat)
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    if isinstance(error, CliError):
+        return text
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return f"{text} (--debug shows the traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run `llava-uhd`; every failure is one line on stderr and a non-zero return (2: usage, 1: other, 130: ^C),
+    unless `--debug`, which lets the exception through."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help (0) or a usage error, already reported in one line
+        return done.code if isinstance(done.code, int) else 2
     try:
         args.func(args)
-    except (OSError, ValueError) as error:
-        print(f"llava-uhd {args.command}: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"llava-uhd {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # the one place that turns any failure into one line
+        if args.debug:
+            raise
+        print(f"llava-uhd {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 1
     return 0
 

@@ -3,11 +3,23 @@
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+from transformers import CONFIG_MAPPING, AutoConfig, PreTrainedConfig
 
 # Default queries per crop of each compression module (REFERENCE: release 12x12, paper 8x8).
 DEFAULT_NUM_QUERIES = {"spatial_resampler": 144, "resampler": 64}
+
+# CLIP ViT-L/14-336, the default vision tower (its `model_type` is `clip_vision_model`); Llama (Vicuna) the default LLM.
+DEFAULT_VISION_CONFIG = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "patch_size": 14,
+    "image_size": 336,
+    "projection_dim": 768,
+}
+DEFAULT_TEXT_MODEL_TYPE = "llama"
 
 # Auto classes of the Hub bundle. `AutoModel` gives the generating model, as MiniCPM-V does.
 AUTO_MAP = {
@@ -43,22 +55,7 @@ class LlavaUhdConfig(PreTrainedConfig):
     """
 
     model_type = "llava_uhd"
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(
-            config_class=AutoConfig,
-            model_type="clip_vision_model",
-            init_kwargs={
-                "hidden_size": 1024,
-                "intermediate_size": 4096,
-                "num_hidden_layers": 24,
-                "num_attention_heads": 16,
-                "patch_size": 14,
-                "image_size": 336,
-                "projection_dim": 768,
-            },
-        ),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
-    }
+    sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
@@ -70,6 +67,16 @@ class LlavaUhdConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        if self.vision_config is None:
+            self.vision_config = dict(DEFAULT_VISION_CONFIG)
+        if self.text_config is None:
+            self.text_config = {"model_type": DEFAULT_TEXT_MODEL_TYPE}
+        if isinstance(self.vision_config, dict):
+            vision = {"model_type": DEFAULT_VISION_CONFIG["model_type"], **self.vision_config}
+            self.vision_config = CONFIG_MAPPING[vision["model_type"]](**vision)
+        if isinstance(self.text_config, dict):
+            text = {"model_type": DEFAULT_TEXT_MODEL_TYPE, **self.text_config}
+            self.text_config = CONFIG_MAPPING[text["model_type"]](**text)
         super().__post_init__(**kwargs)
         if self.projector_type not in DEFAULT_NUM_QUERIES:
             raise ValueError(

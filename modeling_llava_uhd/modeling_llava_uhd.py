@@ -2,6 +2,7 @@
 
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -10,12 +11,7 @@ from torch.nn import functional as F
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import (
-    BaseModelOutputWithPooling,
-    MultimodalBaseModelOutputWithPast,
-    MultimodalCausalLMOutputWithPast,
-)
-from transformers.modeling_utils import slice_logits_to_keep
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
@@ -26,6 +22,26 @@ logger = logging.get_logger(__name__)
 POOLING_SIZES = ((4, 2), (3, 2), (4, 3), (3, 3), (2, 4), (2, 3), (3, 4))
 # Crop shapes whose resampler constants (resized positions, RoIAlign maps) stay cached.
 CACHE_SIZE = 128
+# The KV cache's name in model arguments and outputs: `cache` since transformers 5.24, `past_key_values` before.
+CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+@dataclass
+class LlavaUhdModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    image_outputs: `get_image_features` of the images of the input, when it had images.
+    """
+
+    image_outputs: BaseModelOutputWithPooling | None = None
+
+
+@dataclass
+class LlavaUhdCausalLMOutputWithPast(CausalLMOutputWithPast):
+    r"""
+    image_outputs: `get_image_features` of the images of the input, when it had images.
+    """
+
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 def sincos_position_table(embed_dim: int, grid_size: int) -> torch.Tensor:
@@ -264,15 +280,6 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def _encode_crops(self, images: torch.Tensor, num_layers: int) -> torch.Tensor:
-        """Same-shape crops `[crops, 3, height, width]` -> the vision tower's hidden states after `num_layers` encoder
-        layers (0: the embeddings), CLS dropped. Only the layers needed run, and no other hidden state is kept."""
-        vision = self.vision_tower
-        hidden = vision.pre_layrnorm(vision.embeddings(images, interpolate_pos_encoding=True))
-        for layer in vision.encoder.layers[:num_layers]:
-            hidden = layer(hidden, None)
-        return hidden[:, 1:]
-
     @can_return_tuple
     def get_image_features(
         self,
@@ -284,13 +291,15 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
     ) -> BaseModelOutputWithPooling:
         """Encode packed crops (see `LlavaUhdImageProcessor`) into `num_queries` tokens per crop.
 
-        Crops are grouped by patch grid: one vision-tower pass (and one position-embedding interpolation) per distinct
-        shape, through the layers up to `vision_feature_layer` only. Returns `pooler_output`: one
-        `[crops_of_image * num_queries, hidden]` tensor per image, crops in schema order (slices row-major, then the
-        overview).
+        Crops are grouped by patch grid: one vision-tower forward (positions interpolated to the grid) per distinct
+        shape. The patch features of hidden state `vision_feature_layer` (a class token, when the tower has one,
+        dropped) feed the resampler. Returns `last_hidden_state` `[crops, num_queries, hidden]` and `pooler_output`:
+        one `[crops_of_image * num_queries, hidden]` tensor per image, crops in schema order (slices row-major, then
+        the overview). With `output_hidden_states` / `output_attentions`, `hidden_states[layer][crop]` and
+        `attentions[layer][crop]` hold the tower's own outputs for each crop (crops differ in length).
         """
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-        num_states = len(self.vision_tower.encoder.layers) + 1  # the embeddings, then every layer's output
+        num_states = self.config.vision_config.num_hidden_layers + 1  # the embeddings, then every layer's output
         if not -num_states <= layer < num_states:
             raise ValueError(f"`vision_feature_layer` must be in [{-num_states}, {num_states - 1}], got {layer}.")
         grid_hw = image_grid_hw.tolist()
@@ -310,18 +319,32 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
         for index, shape in enumerate(grid_hw):
             groups.setdefault(tuple(shape), []).append(index)
 
-        tokens = None
+        wanted = [name for name in ("hidden_states", "attentions") if kwargs.pop(f"output_{name}", False)]
+        tokens, per_crop = None, {name: [None] * len(grid_hw) for name in wanted}
         for (height, width), indices in groups.items():
             images = torch.stack([crops[i] for i in indices]).view(len(indices), height, width, 3, patch, patch)
             images = images.permute(0, 3, 1, 4, 2, 5).reshape(len(indices), 3, height * patch, width * patch)
-            hidden = self._encode_crops(images, layer % num_states)
-            compressed = self.resampler(hidden, height, width)
+            outputs = self.vision_tower(
+                pixel_values=images,
+                interpolate_pos_encoding=True,
+                output_hidden_states=True,
+                output_attentions="attentions" in wanted,
+                return_dict=True,
+                **kwargs,
+            )
+            compressed = self.resampler(outputs.hidden_states[layer][:, -height * width :], height, width)
             if tokens is None:
                 tokens = compressed.new_empty(len(grid_hw), *compressed.shape[1:])
             tokens[indices] = compressed
+            for name in wanted:
+                if outputs.get(name) is None:
+                    raise ValueError(f"The vision tower returned no {name}; load the model with attn_implementation='eager'.")
+                for position, index in enumerate(indices):
+                    per_crop[name][index] = tuple(state[position] for state in outputs[name])
 
         per_image = [t.flatten(0, 1) for t in tokens.split(crops_per_image)] if tokens is not None else []
-        return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=per_image)
+        extra = {name: tuple(zip(*states)) for name, states in per_crop.items() if tokens is not None}
+        return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=per_image, **extra)
 
     def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """Boolean `[batch, seq]` mask of the `<image>` positions (from ids, or from embeddings when ids are absent)."""
@@ -344,8 +367,14 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
-    ) -> MultimodalBaseModelOutputWithPast:
+    ) -> LlavaUhdModelOutputWithPast:
+        r"""
+        cache (`Cache`, *optional*): the KV cache; `past_key_values` is accepted as its other name, as transformers
+            accepts both.
+        """
+        cache = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         if pixel_values is not None and mm_encoder_outputs is not None:
@@ -383,11 +412,11 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             inputs_embeds=inputs_embeds,
+            **{CACHE_NAME: cache},
             **kwargs,
         )
-        return MultimodalBaseModelOutputWithPast(**outputs, image_outputs=image_outputs)
+        return LlavaUhdModelOutputWithPast(**outputs, image_outputs=image_outputs)
 
 
 class LlavaUhdForConditionalGeneration(LlavaUhdPreTrainedModel, GenerationMixin):
@@ -447,10 +476,12 @@ class LlavaUhdForConditionalGeneration(LlavaUhdPreTrainedModel, GenerationMixin)
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
-    ) -> MultimodalCausalLMOutputWithPast:
+    ) -> LlavaUhdCausalLMOutputWithPast:
         r"""
         pixel_values, image_grid_hw, slice_grid: packed crops from [`LlavaUhdImageProcessor`].
+        cache: the KV cache (`past_key_values` is its other name).
         labels: token ids for the causal LM loss; -100 is ignored, and so are image-token positions, whichever collator
             built the batch.
 
@@ -473,22 +504,23 @@ class LlavaUhdForConditionalGeneration(LlavaUhdPreTrainedModel, GenerationMixin)
             slice_grid=slice_grid,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
+            cache=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
         )
-        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, kept])
         loss = None
         if labels is not None:
             labels = labels.masked_fill(labels == self.config.image_token_id, -100)
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
-        return MultimodalCausalLMOutputWithPast(
+        return LlavaUhdCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            cache=outputs.cache,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_outputs=outputs.image_outputs,

@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from datasets import Dataset
-from jinja2.exceptions import TemplateError
+from jinja2.exceptions import TemplateError, TemplateSyntaxError
 from PIL import Image
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from modeling_llava_uhd import LlavaUhdProcessor
 
-from .llava_format import BadRowError, OnBadRow
+from .llava_format import BadRowError, OnBadRow, check_on_bad_row
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,11 @@ PLAIN_CHAT_TEMPLATE = (
 )
 ChatFormat = Literal["plain", "chat"]
 _IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+# What a row can make the processor raise: `ValueError` (images that do not match its `<image>` placeholders, image
+# tokens that do not fit in `max_length`) and the chat template's `raise_exception` (roles out of order). A template that
+# does not compile is not a row's fault: `TemplateSyntaxError` is raised at once.
 _COLLATE_ERRORS = (ValueError, TemplateError)
+IGNORE_INDEX = -100
 
 
 def training_chat_template(processor: LlavaUhdProcessor, chat_format: ChatFormat) -> str:
@@ -66,10 +70,11 @@ class LlavaUhdDataCollator:
 
     Rows hold image paths (or undecoded images); they are opened here, in the data-loader workers, when a batch is
     built. A row that cannot be used (an image that does not decode, image tokens that would not fit in
-    `max_length`, placeholders that do not match its images) raises a [`BadRowError`] naming it
-    (`on_bad_row="error"`), or is replaced by a random usable row of `dataset` with a warning that counts the
-    replacements of this worker (`"skip"`), so the batch keeps its size and training its course. Labels are -100 on
-    image tokens whatever the loss mode.
+    `max_length`, placeholders that do not match its images, no supervised token left: every label -100, e.g. its
+    answer truncated away by `max_length`) raises a [`BadRowError`] naming it (`on_bad_row="error"`), or is replaced
+    by a random usable row of `dataset` with a warning that counts the replacements of this worker (`"skip"`), so the
+    batch keeps its size and training its course (and its loss a number). Labels are -100 on image tokens whatever
+    the loss mode.
 
     Args:
         collator: TRL's collator, built with the processor and chat template of the training stage.
@@ -87,8 +92,7 @@ class LlavaUhdDataCollator:
     num_replaced: int = field(default=0, init=False)
 
     def __post_init__(self):
-        if self.on_bad_row not in ("skip", "error"):
-            raise ValueError(f"`on_bad_row` must be 'skip' or 'error', got {self.on_bad_row!r}.")
+        check_on_bad_row(self.on_bad_row)
         if self.on_bad_row == "skip" and self.dataset is None:
             raise ValueError("`on_bad_row='skip'` needs the `dataset` that replacement rows are drawn from.")
         self._rng = random.Random(self.seed)
@@ -96,37 +100,67 @@ class LlavaUhdDataCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         rows = [self._usable(example, alone=False) for example in examples]
         try:
-            batch = self.collator(rows)
+            batch = self._collate(rows)
+        except TemplateSyntaxError:
+            raise
         except _COLLATE_ERRORS:
             # Some row cannot be processed (e.g. its image tokens do not fit in `max_length`): find it and replace it.
             # A failure that no single row causes is raised again by the second call.
             rows = [self._usable(row, alone=True) for row in rows]
-            batch = self.collator(rows)
-        batch["labels"][batch["input_ids"] == self.collator.processor.image_token_id] = -100
+            return self._collate(rows)
+        unsupervised = [index for index, supervised in enumerate(self._supervised(batch)) if not supervised]
+        if not unsupervised:
+            return batch
+        # Truncation is per row, so a row has the same labels alone as in the batch: checked alone, it is replaced.
+        for index in unsupervised:
+            rows[index] = self._usable(rows[index], alone=True)
+        return self._collate(rows)
+
+    def _collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(rows)
+        batch["labels"][batch["input_ids"] == self.collator.processor.image_token_id] = IGNORE_INDEX
         return batch
+
+    @staticmethod
+    def _supervised(batch: dict[str, Any]) -> list[bool]:
+        """Whether each row of `batch` has a label to learn (a row of -100 only adds nothing, or NaN, to the loss)."""
+        return (batch["labels"] != IGNORE_INDEX).any(dim=1).tolist()
 
     def _usable(self, example: dict[str, Any], alone: bool) -> dict[str, Any]:
         """`example` with its images decoded, or a replacement; `alone` also collates it on its own as a check."""
+        failure = cause = None
         for _ in range(self.max_replacements):
             row_id = str(example.get("id", "?"))
             try:
                 row = self._with_images(example)
             except _IMAGE_ERRORS as error:
-                failure = BadRowError(row_id, "unreadable image", f": {error}")
+                failure, cause = BadRowError(row_id, "unreadable image", f": {error}"), error
             else:
                 if not alone:
                     return row
                 try:
-                    self.collator([row])
-                    return row
+                    supervised = self._supervised(self._collate([row]))[0]
+                except TemplateSyntaxError:
+                    raise
                 except _COLLATE_ERRORS as error:
-                    failure = BadRowError(row_id, "cannot be collated", f": {error}")
+                    failure, cause = BadRowError(row_id, "cannot be collated", f": {error}"), error
+                else:
+                    if supervised:
+                        return row
+                    failure, cause = BadRowError(row_id, "no supervised tokens", self._unsupervised_detail()), None
             if self.on_bad_row == "error":
-                raise failure
+                raise failure from cause
             self.num_replaced += 1
             logger.warning(f"{failure} Replaced by a random row ({self.num_replaced} replaced so far in this worker).")
             example = self.dataset[self._rng.randrange(len(self.dataset))]
-        raise RuntimeError(f"{self.max_replacements} rows drawn in a row were unusable; check the dataset.")
+        raise RuntimeError(
+            f"{self.max_replacements} rows drawn in a row were unusable: check the dataset and the collator settings "
+            f"(a failure every row meets is a bug, not bad data). The last one: {failure}"
+        ) from cause
+
+    def _unsupervised_detail(self) -> str:
+        cut = f"its answer cut off by max_length={self.collator.max_length}, or " if self.collator.max_length else ""
+        return f": every label is {IGNORE_INDEX} after collation ({cut}no assistant answer), nothing to learn"
 
     @staticmethod
     def _with_images(example: dict[str, Any]) -> dict[str, Any]:

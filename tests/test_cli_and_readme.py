@@ -47,14 +47,22 @@ def test_slices_options_and_errors(tmp_path, capsys):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
     assert main(["slices", str(broken)]) == 1
-    assert "error" in capsys.readouterr().err
+    error = f"llava-uhd slices: error: image {str(broken)!r} is not an image file Pillow can read (corrupt or "
+    assert capsys.readouterr().err == error + "unknown format)\n"  # one line
 
 
-def test_chat_answers_with_a_saved_model(tmp_path, capsys):
-    make_model().save_pretrained(tmp_path)
-    make_processor().save_pretrained(tmp_path)
+def test_chat_answers_with_a_saved_model_without_running_its_code(tmp_path, capsys):
+    """A folder saved by this package carries its `.py` files; `chat` loads it with the installed classes, no flag."""
+    folder, marker = tmp_path / "model", tmp_path / "marker"
+    make_model().save_pretrained(folder)
+    make_processor().save_pretrained(folder)
+    planted = sorted(folder.glob("*.py"))
+    assert len(planted) == 4
+    for path in planted:
+        path.write_text(path.read_text() + f"\nimport pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
     code = main(
-        ["chat", "--model", str(tmp_path), "--image", str(EXAMPLE), "--prompt", "What is it?", "--max-new-tokens", "3"]
+        ["chat", "--model", str(folder), "--image", str(EXAMPLE), "--prompt", "What is it?", "--max-new-tokens", "3"]
     )
     assert code == 0
     assert capsys.readouterr().out.strip() != ""
+    assert not marker.exists()

@@ -52,8 +52,9 @@ def write_original(folder: Path, projector_type: str = "spatial_resampler", shar
         part = {k: state[k].clone() for k in names[i::shards]}
         if fmt == "safetensors":
             save_file(part, folder / f"model-{i + 1:05d}-of-{shards:05d}.safetensors")
-        else:
-            torch.save(part, folder / f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin")
+        else:  # "bin", or "legacy-bin": torch's pre-1.6 format, which cannot be memory-mapped
+            torch.save(part, folder / f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin",
+                       _use_new_zipfile_serialization=fmt == "bin")
 
     vision = model.config.vision_config.to_dict()
     clip = CLIPModel(CLIPConfig(vision_config=vision, text_config=dict(hidden_size=16, intermediate_size=32,
@@ -96,6 +97,7 @@ def logits(folder: Path, image_name: str = "coffee") -> torch.Tensor:
 
 @pytest.mark.parametrize("projector_type,fmt,llm", [("spatial_resampler", "safetensors", "llama"),
                                                      ("resampler", "bin", "llama"),
+                                                     ("resampler", "legacy-bin", "llama"),
                                                      ("spatial_resampler", "safetensors", "qwen2")])
 def test_convert_maps_every_weight(tmp_path, projector_type, fmt, llm):
     source = write_original(tmp_path / "original", projector_type, fmt=fmt, llm=llm)
@@ -118,6 +120,9 @@ def test_convert_maps_every_weight(tmp_path, projector_type, fmt, llm):
     assert (defaults.slice_separator_id, defaults.row_separator_id) == (29892, 13)
     card = (out / "README.md").read_text()
     assert "library_name: transformers" in card and "pipeline_tag: image-text-to-text" in card and "@inproceedings" in card
+    # Local sources are named by their folder only: the card is published, the converting machine's paths are not.
+    assert str(tmp_path) not in card and "base_model" not in card
+    assert "the local folder `original`" in card and "the local folder `clip`" in card
 
 
 def test_conversion_is_deterministic_and_round_trips(tmp_path):
@@ -177,13 +182,21 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     with pytest.raises(ConversionError, match=r"missing keys: .*model\."):
         run_convert(tmp_path, original, "x2")
 
+    # With an index, the missing shard itself is named.
+    index = {"weight_map": {"a": shard.name, "b": next(original.glob("*.safetensors")).name}}
+    (original / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ConversionError, match=rf"lacks {shard.name}, named in model.safetensors.index.json"):
+        run_convert(tmp_path, original, "x2")
+    (original / "model.safetensors.index.json").unlink()
+
     # A truncated shard is named.
     moved.rename(shard)
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
     with pytest.raises(ConversionError, match="not a valid safetensors file"):
         run_convert(tmp_path, original, "x3")
-    assert not list((tmp_path / "x3").glob("*.safetensors"))
+    # Failed conversions leave nothing behind: no output folder, no staging folder.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip", "original"]
 
 
 def test_unsupported_formats_and_missing_config(tmp_path):
@@ -221,11 +234,13 @@ def test_stage1_projector_with_separate_llm(tmp_path):
 def test_publish_dry_run_lists_files(tmp_path, capsys):
     write_original(tmp_path / "original")
     out = run_convert(tmp_path, tmp_path / "original")
-    assert publish_main([str(out), "org/llava-uhd-tiny", "--dry-run", "--private"]) == 0
+    assert publish_main([str(out), "org/llava-uhd-tiny", "--dry-run"]) == 0
     printed = capsys.readouterr().out
-    assert "Would upload" in printed and "model.safetensors" in printed and "private" in printed
+    assert "Would upload" in printed and "model.safetensors" in printed and "(private if created)" in printed
+    assert publish_main([str(out), "org/llava-uhd-tiny", "--dry-run", "--public"]) == 0
+    assert "(public if created)" in capsys.readouterr().out
     assert publish_main([str(tmp_path / "original"), "org/x", "--dry-run"]) == 1
-    assert "missing" in capsys.readouterr().out
+    assert "not a finished conversion" in capsys.readouterr().err
 
 
 def test_cli_entry_point_prints_summary(tmp_path):

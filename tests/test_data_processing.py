@@ -81,7 +81,7 @@ def test_convert_llava_row_moves_the_image_first_and_maps_roles(tmp_path):
     assert text_only["images"] == []
 
     bad = {
-        "malformed conversations": {"id": "r", "image": "a.png", "conversations": [{"from": "bot", "value": "hi"}]},
+        "malformed turn": {"id": "r", "image": "a.png", "conversations": [{"from": "bot", "value": "hi"}]},
         "placeholders do not match images": {"id": "r", "conversations": row["conversations"]},
         "no assistant answer": {"id": "r", "image": "a.png", "conversations": row["conversations"][:1]},
         "missing image file": {**row, "image": "nowhere.png"},
@@ -105,7 +105,7 @@ def test_load_llava_dataset_keeps_paths_and_skips_or_fails_on_bad_rows(tmp_path,
     assert "Skipped 2 of 7 rows" in caplog.text and "'missing image file': 1" in caplog.text
     # Lazy: rows hold paths, nothing is decoded.
     assert dataset[0]["images"] == [str(images / "000.png")] and dataset[len(dataset) - 1]["images"] == []
-    with pytest.raises(BadRowError, match="Row missing: missing image file"):
+    with pytest.raises(BadRowError, match=f"Row missing \\({jsonl}, line 6\\): missing image file '.*gone.png'"):
         load_llava_dataset(jsonl, images, on_bad_row="error")
 
 
@@ -182,11 +182,16 @@ def test_truncation_keeps_every_image_token_or_refuses_the_row(dataset, processo
     strict = make_collator(processor, max_length=image_start + 5, dataset=dataset, on_bad_row="error")
     with pytest.raises(BadRowError, match="Row two-turns: cannot be collated.*would cut through image tokens"):
         strict([by_id["two-turns"], by_id["text-only"]])
-    skipping = make_collator(processor, max_length=image_start + 5, dataset=dataset, on_bad_row="skip")
+    # At the text-only row's length, every image row is cut through its image tokens (or its answer): the
+    # replacements end on the text-only row, whole.
+    text_only = make_collator(processor, dataset=dataset)([by_id["text-only"]])
+    max_length = text_only["input_ids"].shape[1]
+    assert image_start + 16 > max_length
+    skipping = make_collator(processor, max_length=max_length, dataset=dataset, on_bad_row="skip")
     with caplog.at_level(logging.WARNING, logger="processing.collator"):
         batch = skipping([by_id["two-turns"], by_id["text-only"]])
-    # Every image row is too long here: the replacements end on the text-only row.
-    assert batch["input_ids"].shape[0] == 2 and "pixel_values" not in batch
+    assert batch["input_ids"].tolist() == text_only["input_ids"].tolist() * 2 and "pixel_values" not in batch
+    assert batch["labels"].tolist() == text_only["labels"].tolist() * 2
     assert skipping.num_replaced >= 1 and f"({skipping.num_replaced} replaced so far" in caplog.text
 
 

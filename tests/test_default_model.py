@@ -13,7 +13,8 @@ import yaml
 from PIL import Image
 from transformers import AutoTokenizer
 
-from modeling_llava_uhd import default_model_path
+from modeling_llava_uhd import LlavaUhdConfig, default_model_path
+from modeling_llava_uhd import default_model as default_model_module
 from modeling_llava_uhd.cli import main as cli
 from modeling_llava_uhd.default_model import CODE_FILES, WEIGHTS
 from processing.detail_task import make_sample
@@ -37,6 +38,101 @@ def test_folder_is_assembled_once_with_weights_and_remote_code(folder):
     assert default_model_path(folder.parent) == folder
     assert [path.name for path in folder.parent.iterdir()] == [folder.name]  # no staging folder left behind
     assert (folder / "model.safetensors").stat().st_size <= 25 * 2**20
+
+
+def _flip(path: Path) -> None:
+    """Bits of every byte of the file's second half: the safetensors header (the first 10 KB) still parses, so the
+    weights load and answer nonsense."""
+    data = path.read_bytes()
+    half = len(data) // 2
+    path.write_bytes(data[:half] + bytes(byte ^ 0x5A for byte in data[half:]))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+# What the cache must hold, byte for byte: the shipped model files and this package's code.
+SHIPPED = [path for path in sorted(WEIGHTS.iterdir()) if path.is_file()]
+SHIPPED += [WEIGHTS.parent / name for name in CODE_FILES]
+DAMAGE = {  # how a cached file gets damaged, and whether to ask `llava-uhd chat` afterwards (model loads cost ~2 s)
+    "flipped weights": ("model.safetensors", _flip, True),  # today: exit 0, a wrong answer
+    "truncated weights": ("model.safetensors", _truncate, True),  # today: a traceback
+    "truncated tokenizer": ("tokenizer.json", _truncate, False),
+    "missing config": ("config.json", Path.unlink, False),
+    "flipped code": ("modeling_llava_uhd.py", _flip, False),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_cache_is_rewritten_and_answers_correctly(damage, capsys, monkeypatch, tmp_path, caplog):
+    """5 bad caches: each is found by the next call, rewritten in place from the shipped files (logged), and
+    `llava-uhd chat` then answers README's main command correctly."""
+    name, spoil, ask = DAMAGE[damage]
+    folder = default_model_path(tmp_path)
+    (shipped,) = [path.read_bytes() for path in SHIPPED if path.name == name]
+    spoil(folder / name)
+    if ask:
+        monkeypatch.setenv("LLAVA_UHD_CACHE", str(tmp_path))
+        sample = make_sample("test", EXAMPLE_INDEX)
+        assert cli(["chat", "--image", str(EXAMPLE), "--prompt", sample.question]) == 0
+        assert capsys.readouterr().out.strip() == sample.answer
+    else:
+        assert default_model_path(tmp_path) == folder
+    assert (folder / name).read_bytes() == shipped
+    assert f"rewrote damaged files of the cached default model in {folder}: ['{name}']" in caplog.text
+    assert [path.name for path in tmp_path.iterdir()] == [folder.name]  # rewritten in place, staging removed
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_cache_variable_means_the_default_location(value, monkeypatch, tmp_path):
+    """2 bad inputs: LLAVA_UHD_CACHE empty or blank is unset (not the current folder); `cache_dir=""` is refused."""
+    monkeypatch.setenv("LLAVA_UHD_CACHE", value)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    folder = default_model_path()
+    assert folder.parent == tmp_path / "xdg" / "llava-uhd"
+    assert list(work.iterdir()) == []
+    with pytest.raises(ValueError, match="cache_dir is empty"):
+        default_model_path(value)
+    assert list(work.iterdir()) == []
+
+
+CONCURRENT = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("default_model", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+for _ in range(5):
+    print(module.default_model_path(sys.argv[2]))
+"""
+
+
+def test_concurrent_callers_assemble_and_repair_safely(tmp_path):
+    """6 processes at once, on an empty cache and then on a damaged one: all get the same whole, correct folder."""
+    script = [sys.executable, "-c", CONCURRENT, default_model_module.__file__, str(tmp_path)]
+
+    def run_all() -> set[str]:
+        processes = [
+            subprocess.Popen(script, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)
+        ]
+        results = [process.communicate(timeout=120) for process in processes]
+        assert all(process.returncode == 0 for process in processes), [err for _, err in results]
+        return {line for out, _ in results for line in out.splitlines()}
+
+    def assert_whole(folder: Path) -> None:
+        assert [path.name for path in tmp_path.iterdir()] == [folder.name]  # no staging folder left behind
+        for path in SHIPPED:
+            assert (folder / path.name).read_bytes() == path.read_bytes(), path.name
+
+    (folder,) = run_all()
+    assert_whole(Path(folder))
+    _flip(Path(folder) / "model.safetensors")
+    _truncate(Path(folder) / "tokenizer.json")
+    assert run_all() == {folder}
+    assert_whole(Path(folder))
 
 
 def test_reported_accuracy_is_reproduced_and_slicing_wins(folder):
@@ -100,9 +196,12 @@ def test_reproduction_command_builds_the_shipped_configuration(tmp_path):
     built, shipped = (json.loads((folder / "config.json").read_text()) for folder in (tmp_path / "built", WEIGHTS))
     for key in ("projector_type", "num_queries", "image_token_id", "vision_feature_layer"):
         assert built[key] == shipped[key], key
+    # Compared as loaded: transformers versions serialise sub-configs in full or as differences to their defaults.
+    configs = [LlavaUhdConfig.from_pretrained(folder) for folder in (tmp_path / "built", WEIGHTS)]
     for sub in ("vision_config", "text_config"):
         ignored = {"_name_or_path", "transformers_version", "dtype", "architectures"}
-        assert {k: v for k, v in built[sub].items() if k not in ignored} == {
-            k: v for k, v in shipped[sub].items() if k not in ignored
-        }, sub
+        built_sub, shipped_sub = (
+            {k: v for k, v in getattr(config, sub).to_dict().items() if k not in ignored} for config in configs
+        )
+        assert built_sub == shipped_sub, sub
     assert processor.tokenizer.get_vocab() == AutoTokenizer.from_pretrained(WEIGHTS).get_vocab()

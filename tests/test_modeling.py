@@ -5,7 +5,8 @@ import torch
 from tiny import make_model, make_processor, photo
 from transformers import GenerationConfig, GenerationMixin
 
-from modeling_llava_uhd import LlavaUhdForConditionalGeneration
+from modeling_llava_uhd import LlavaUhdConfig, LlavaUhdForConditionalGeneration
+from modeling_llava_uhd.modeling_llava_uhd import CACHE_NAME
 
 QUESTION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}]
 
@@ -112,7 +113,7 @@ def test_save_load_gives_identical_logits(model, processor, tmp_path):
 
 def test_loss_and_gradients(processor):
     model = make_model().train()
-    model.activation_checkpointing_enable()
+    model.gradient_checkpointing_enable()  # `activation_checkpointing_enable` from transformers 5.24 on
     inputs = _inputs(processor, [photo("coffee")])
     labels = inputs["input_ids"].clone()
     labels[labels == model.config.image_token_id] = -100
@@ -241,3 +242,41 @@ def test_a_sequence_past_the_position_limit_warns(processor, caplog):
     with caplog.at_level("WARNING"):
         model(**inputs)
     assert "more than the 64 the language model was trained with" in caplog.text
+
+
+def test_a_siglip_vision_tower_generates_and_round_trips(processor, tmp_path):
+    """Any vision tower with interpolated positions: SigLIP has no class token and another layer layout."""
+    config = make_model().config.to_dict()
+    config["vision_config"] = dict(
+        model_type="siglip_vision_model", hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, patch_size=14, image_size=336,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlavaUhdForConditionalGeneration(LlavaUhdConfig(**config)).eval()
+    model.generation_config.pad_token_id = model.config.text_config.pad_token_id
+    assert type(model.model.vision_tower).__name__ == "SiglipVisionModel"
+    inputs = _inputs(processor, [photo("coffee", (700, 300))])
+    assert inputs["slice_grid"].prod() > 1  # sliced: crops of two shapes
+    out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    model.save_pretrained(tmp_path)
+    reloaded = LlavaUhdForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits)
+
+
+@pytest.mark.parametrize("name", ["past_key_values", "cache"])
+def test_a_decode_step_with_the_cache_equals_full_recompute(processor, name):
+    """The KV cache is honoured under both of its names (`cache` from transformers 5.24 on, `past_key_values`)."""
+    model = make_model()
+    inputs = _inputs(processor, [photo("coffee", (300, 200))])
+    with torch.no_grad():
+        prefill = model(**inputs, use_cache=True)
+        cache = getattr(prefill, CACHE_NAME)
+        token = prefill.logits[:, -1:].argmax(-1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
+        step = model(input_ids=token, attention_mask=mask, **{name: cache}).logits[:, -1]
+        full = model(**{**inputs, "input_ids": torch.cat([inputs["input_ids"], token], 1), "attention_mask": mask})
+    torch.testing.assert_close(step, full.logits[:, -1], atol=1e-5, rtol=1e-5)
+    no_cache = model(input_ids=token, attention_mask=torch.ones_like(token)).logits[:, -1]
+    assert not torch.allclose(no_cache, full.logits[:, -1], atol=1e-3)  # the context matters: the cache was used

@@ -158,9 +158,8 @@ def test_chat_template_prompts_are_the_authors_ids(processor):
         for add_special_tokens in (True, False):
             ids = processor(text=prompt, images=image, add_special_tokens=add_special_tokens)["input_ids"][0]
             assert ids == expected_ids(case, processor.image_token_id), (case["question"], add_special_tokens)
-        tokenized = processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, images=[image]
-        )
+        with_image = [{"role": "user", "content": [{"type": "image", "image": image}, *messages[0]["content"][1:]]}]
+        tokenized = processor.apply_chat_template(with_image, add_generation_prompt=True, tokenize=True, return_dict=True)
         assert tokenized["input_ids"][0] == expected_ids(case, processor.image_token_id)
 
 

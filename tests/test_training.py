@@ -205,7 +205,7 @@ def test_recipes_give_the_paper_hyperparameters_on_8_gpus():
     for recipe in recipes.values():
         assert recipe["num_train_epochs"] == 1 and recipe["lr_scheduler_type"] == "cosine"
         assert recipe["warmup_steps"] == 0.03 and recipe["assistant_only_loss"]
-        assert recipe["bf16"] and recipe["tf32"] and recipe["activation_checkpointing"]
+        assert recipe["bf16"] and recipe["tf32"] and recipe["gradient_checkpointing"]
     for name in ("zero2", "zero3", "fsdp"):
         launch = ClusterConfig.from_yaml_file(ROOT / "training" / "accelerate" / f"{name}.yaml")
         assert launch.num_processes == 8 and launch.mixed_precision == "bf16"

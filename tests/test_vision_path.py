@@ -48,18 +48,40 @@ def test_matches_the_stock_vision_tower(inputs, projector_type, layer):
         )
 
 
-def test_runs_only_the_layers_it_needs(inputs):
+def test_one_vision_tower_forward_per_crop_shape(inputs):
     model = make_model()
-    layers = model.model.vision_tower.encoder.layers
-    calls = [0] * len(layers)
-    for index, layer in enumerate(layers):
-        layer.register_forward_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
+    shapes = []
+    model.model.vision_tower.register_forward_hook(
+        lambda _module, _args, kwargs, _output: shapes.append(tuple(kwargs["pixel_values"].shape)), with_kwargs=True
+    )
     with torch.no_grad():
         features(model, inputs)
-    shapes = len({tuple(s) for s in inputs["image_grid_hw"].tolist()})
-    assert calls == [shapes] * (len(layers) - 1) + [0]  # layer -2's output is the last one computed
+    grids = [tuple(grid) for grid in inputs["image_grid_hw"].tolist()]
+    patch = model.config.vision_config.patch_size
+    expected = {(grids.count(grid), 3, grid[0] * patch, grid[1] * patch) for grid in set(grids)}
+    assert len(shapes) == len(expected) and set(shapes) == expected
     with pytest.raises(ValueError, match="vision_feature_layer"):
-        features(model, inputs, vision_feature_layer=len(layers) + 1)
+        features(model, inputs, vision_feature_layer=model.config.vision_config.num_hidden_layers + 1)
+
+
+def test_image_features_return_the_towers_hidden_states_and_attentions(inputs):
+    model = make_model()
+    model.model.vision_tower.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = model.get_image_features(**inputs, output_hidden_states=True, output_attentions=True)
+    grids = inputs["image_grid_hw"].tolist()
+    layers = model.config.vision_config.num_hidden_layers
+    assert len(out.hidden_states) == layers + 1 and len(out.attentions) == layers
+    for crop, (height, width) in enumerate(grids):
+        assert out.hidden_states[0][crop].shape == (1 + height * width, model.config.vision_config.hidden_size)
+        heads = model.config.vision_config.num_attention_heads
+        assert out.attentions[-1][crop].shape == (heads, 1 + height * width, 1 + height * width)
+    # The features come from the hidden state `vision_feature_layer` (-2), class token dropped.
+    first = out.hidden_states[-2][0][1:][None]
+    height, width = grids[0]
+    torch.testing.assert_close(model.model.resampler(first, height, width)[0], out.last_hidden_state[0])
+    plain = model.get_image_features(**inputs)
+    assert plain.hidden_states is None and plain.attentions is None
 
 
 @pytest.mark.parametrize("height,width", [(24, 24), (23, 24), (18, 30), (3, 151), (151, 3), (10, 10), (1, 1)])

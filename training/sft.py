@@ -52,7 +52,15 @@ class LlavaUhdArguments:
     )
     data_path: str | None = field(default=None, metadata={"help": "LLaVA-format JSON list or JSONL file."})
     image_folder: str | None = field(
-        default=None, metadata={"help": "Folder the `image` paths of `data_path` are in."}
+        default=None,
+        metadata={
+            "help": "Folder the `image` paths of `data_path` are in; a path that leaves it (`..`, absolute) is a bad "
+            "row. Without it, paths are used as given (relative to the current directory)."
+        },
+    )
+    allow_paths_outside_image_folder: bool = field(
+        default=False,
+        metadata={"help": "Accept `image` paths of `data_path` that leave `image_folder` (`..`, absolute paths)."},
     )
     dataset_name: str | None = field(
         default=None, metadata={"help": "Hub or local `datasets` dataset in messages form (instead of `data_path`)."}
@@ -61,8 +69,9 @@ class LlavaUhdArguments:
     on_bad_row: Literal["skip", "error"] = field(
         default="skip",
         metadata={
-            "help": "Rows with missing or unreadable images, or that cannot be collated: skip them (counted warnings; "
-            "at batch time a random usable row takes the place) or stop with an error naming the row."
+            "help": "Malformed rows, rows with missing or unreadable images, that cannot be collated or that keep no "
+            "supervised token (answer cut off by `max_length`): skip them (counted warnings; at batch time a random "
+            "usable row takes the place) or stop with an error naming the row."
         },
     )
     chat_format: Literal["plain", "chat"] = field(
@@ -82,7 +91,12 @@ def load_training_dataset(args: LlavaUhdArguments) -> Dataset:
     if (args.data_path is None) == (args.dataset_name is None):
         raise ValueError("Give exactly one of `data_path` (LLaVA-format JSON/JSONL) and `dataset_name`.")
     if args.data_path is not None:
-        return load_llava_dataset(args.data_path, args.image_folder, on_bad_row=args.on_bad_row)
+        return load_llava_dataset(
+            args.data_path,
+            args.image_folder,
+            on_bad_row=args.on_bad_row,
+            allow_paths_outside_image_folder=args.allow_paths_outside_image_folder,
+        )
     return load_messages_dataset(args.dataset_name, split=args.dataset_split)
 
 
