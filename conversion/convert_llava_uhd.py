@@ -34,6 +34,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 import modeling_llava_uhd
 from modeling_llava_uhd import (
+    BUNDLE_FILES,
     LlavaUhdConfig,
     LlavaUhdForConditionalGeneration,
     LlavaUhdImageProcessor,
@@ -47,12 +48,6 @@ from .tokenizer import TokenizerConversionError, load_original_tokenizer
 REFERENCE_SLICE_SEPARATOR_ID = 29892
 REFERENCE_ROW_SEPARATOR_ID = 13
 STAGE1_PROJECTOR = "mm_projector.bin"
-BUNDLE_FILES = (
-    "configuration_llava_uhd.py",
-    "modeling_llava_uhd.py",
-    "image_processing_llava_uhd.py",
-    "processing_llava_uhd.py",
-)
 # Keys of original checkpoints that hold nothing to convert (recomputed buffers, frozen CLIP copies).
 IGNORED_KEYS = re.compile(r"(\.rotary_emb\.inv_freq$|^model\.vision_tower\.)")
 KEY_RULES = (
@@ -200,7 +195,9 @@ def build_config(original: dict, vision_folder: Path, projector: dict[str, torch
 
 
 def prepare_tokenizer(source: str | Path):
-    """The original tokenizer (see `load_original_tokenizer`) with `<image>`, and `<pad>` when it has no pad token."""
+    """The original tokenizer (see `load_original_tokenizer`) with `<image>`, `<pad>` when it has no pad token, and
+    left padding: batched generation (transformers' pipelines pad as the tokenizer says) needs it, and training
+    collators ask for right padding themselves."""
     try:
         tokenizer = load_original_tokenizer(source)
     except TokenizerConversionError as error:
@@ -212,6 +209,7 @@ def prepare_tokenizer(source: str | Path):
         added["pad_token"] = "<pad>"
     if added:
         tokenizer.add_special_tokens(added)
+    tokenizer.padding_side = "left"
     return tokenizer
 
 

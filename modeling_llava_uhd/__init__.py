@@ -13,10 +13,10 @@ from transformers import (
 )
 
 from .configuration_llava_uhd import LlavaUhdConfig
-from .default_model import default_model_path
+from .default_model import BUNDLE_FILES, default_model_path
 from .image_processing_llava_uhd import LlavaUhdImageProcessor, SliceLayout
 from .modeling_llava_uhd import LlavaUhdForConditionalGeneration, LlavaUhdModel, LlavaUhdPreTrainedModel
-from .processing_llava_uhd import LlavaUhdProcessor
+from .processing_llava_uhd import LlavaUhdProcessor, UnusableSampleError
 
 __version__ = "0.1.0"
 
@@ -33,6 +33,7 @@ LlavaUhdImageProcessor.register_for_auto_class()
 LlavaUhdProcessor.register_for_auto_class()
 
 __all__ = [
+    "BUNDLE_FILES",
     "LlavaUhdConfig",
     "LlavaUhdForConditionalGeneration",
     "LlavaUhdImageProcessor",
@@ -40,5 +41,6 @@ __all__ = [
     "LlavaUhdPreTrainedModel",
     "LlavaUhdProcessor",
     "SliceLayout",
+    "UnusableSampleError",
     "default_model_path",
 ]

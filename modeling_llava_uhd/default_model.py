@@ -11,8 +11,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parent
 WEIGHTS = PACKAGE / "default_model_files"
-# The remote code a saved model carries (`save_pretrained` copies these files next to the weights).
-CODE_FILES = (
+# The Hub bundle: the package's files that `save_pretrained` copies next to the weights (they import each other only
+# relatively). Listed here, where this module (loadable on its own) assembles folders; the package exports it.
+BUNDLE_FILES = (
     "configuration_llava_uhd.py",
     "image_processing_llava_uhd.py",
     "modeling_llava_uhd.py",
@@ -36,7 +37,7 @@ def default_cache_root() -> Path:
 
 def _sources() -> dict[str, bytes]:
     """The default model's files by name: the shipped weights, tokenizer and processor files, this package's code."""
-    paths = sorted(path for path in WEIGHTS.iterdir() if path.is_file()) + [PACKAGE / name for name in CODE_FILES]
+    paths = sorted(path for path in WEIGHTS.iterdir() if path.is_file()) + [PACKAGE / name for name in BUNDLE_FILES]
     return {path.name: path.read_bytes() for path in paths}
 
 

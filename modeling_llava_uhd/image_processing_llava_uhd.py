@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.processing_utils import ImagesKwargs
 from transformers.utils import TensorType
 
 ImageLike = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
@@ -21,6 +22,26 @@ ImageLike = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 _WIDE_MODES = {"I;16": 257.0, "I;16L": 257.0, "I;16B": 257.0, "I;16N": 257.0, "I": 257.0, "F": 1.0}
 EXIF_ORIENTATION = 0x0112
 URL_TIMEOUT = 60
+
+
+class LlavaUhdImageProcessorKwargs(ImagesKwargs, total=False):
+    """
+    max_slice_nums (`int`): most slices per image (1: the overview only).
+    max_image_size (`int`): long side images are resized to before slicing.
+    apply_exif_orientation (`bool`): turn photos upright by their EXIF orientation tag first.
+    `None` (for any of them) means the image processor's own setting.
+    """
+
+    max_slice_nums: int | None
+    max_image_size: int | None
+    apply_exif_orientation: bool | None
+
+
+# Keywords of transformers' `ImagesKwargs` that LLaVA-UHD's slicing decides itself (crop sizes, resampling, layout).
+FIXED_BY_SLICING = (
+    "do_resize", "size", "default_to_square", "crop_size", "resample", "do_pad", "pad_size", "do_center_crop",
+    "data_format", "input_data_format", "device", "disable_grouping", "image_seq_length",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -145,6 +166,7 @@ class LlavaUhdImageProcessor(BaseImageProcessor):
     """
 
     model_input_names = ["pixel_values", "image_grid_hw", "slice_grid"]
+    valid_kwargs = LlavaUhdImageProcessorKwargs
     max_slice_nums = 7
     scale_resolution = 336
     patch_size = 14
@@ -164,6 +186,8 @@ class LlavaUhdImageProcessor(BaseImageProcessor):
         image_mean: tuple[float, float, float] = tuple(OPENAI_CLIP_MEAN),
         image_std: tuple[float, float, float] = tuple(OPENAI_CLIP_STD),
         apply_exif_orientation: bool = True,
+        do_rescale: bool = True,
+        do_normalize: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -180,15 +204,22 @@ class LlavaUhdImageProcessor(BaseImageProcessor):
         self.image_mean = tuple(image_mean)
         self.image_std = tuple(image_std)
         self.apply_exif_orientation = apply_exif_orientation
+        self.do_rescale = do_rescale
+        self.do_normalize = do_normalize
 
-    def get_slice_layout(self, height: int, width: int, max_slice_nums: int | None = None) -> SliceLayout:
-        """Layout of an image of `height x width` pixels (its size before the pre-resize, which is applied here)."""
+    def get_slice_layout(
+        self, height: int, width: int, max_slice_nums: int | None = None, max_image_size: int | None = None
+    ) -> SliceLayout:
+        """Layout of an image of `height x width` pixels (its size before the pre-resize, which is applied here).
+        `max_slice_nums` and `max_image_size` override the processor's (`None`: the processor's)."""
         _check_positive_int("height", height)
         _check_positive_int("width", width)
         max_slice_nums = self.max_slice_nums if max_slice_nums is None else max_slice_nums
         _check_positive_int("max_slice_nums", max_slice_nums)
-        if self.max_image_size is not None:
-            width, height = _pre_resize_size(width, height, self.max_image_size)
+        max_image_size = self.max_image_size if max_image_size is None else max_image_size
+        if max_image_size is not None:
+            _check_positive_int("max_image_size", max_image_size)
+            width, height = _pre_resize_size(width, height, max_image_size)
         scale, patch = self.scale_resolution, self.patch_size
 
         multiple = min(math.ceil(width * height / (scale * scale)), max_slice_nums)
@@ -203,39 +234,40 @@ class LlavaUhdImageProcessor(BaseImageProcessor):
         )
         return SliceLayout((height, width), (overview_h, overview_w), (rows, cols), (slice_h, slice_w))
 
-    def preprocess(
-        self,
-        images: ImageLike | list[ImageLike] | list[list[ImageLike]],
-        max_slice_nums: int | None = None,
-        return_tensors: str | TensorType | None = "pt",
-        **kwargs,
-    ) -> BatchFeature:
+    def preprocess(self, images: ImageLike | list[ImageLike] | list[list[ImageLike]], **kwargs) -> BatchFeature:
         """Slice, resize, normalise and pack one image or a (nested) list of images.
 
         Args:
             images: PIL images, `uint8`/float (in [0, 1]) arrays or tensors (HWC or CHW), or local paths / URLs.
-            max_slice_nums: overrides the processor's `max_slice_nums` for this call (a token budget).
-            return_tensors: only `"pt"` (or `None`, which also gives torch tensors) is supported.
+            kwargs: this call's values of `max_slice_nums` (a token budget), `max_image_size`, `apply_exif_orientation`,
+                `do_rescale`, `rescale_factor`, `do_normalize`, `image_mean`, `image_std` (`None`: the processor's),
+                and `return_tensors` (`"pt"` or `None`). transformers' other image keywords (`size`, `resample`,
+                `do_center_crop`, ...) do not apply to slicing and are refused.
 
         Returns:
             `BatchFeature` with `pixel_values` `[total_patches, 3 * patch_size**2]` (float32), `image_grid_hw`
             `[total_crops, 2]` and `slice_grid` `[num_images, 2]` (rows, cols; `(0, 0)` when not sliced).
         """
-        if kwargs:
-            raise TypeError(f"Unexpected arguments for LlavaUhdImageProcessor: {sorted(kwargs)}.")
-        if return_tensors not in (None, "pt", TensorType.PYTORCH):
-            raise ValueError(f"`return_tensors` must be 'pt' or None, got {return_tensors!r}.")
+        settings = self._call_settings(kwargs)
         images = [
-            _to_rgb(image, index, self.apply_exif_orientation) for index, image in enumerate(_flatten_images(images))
+            _to_rgb(image, index, settings["apply_exif_orientation"])
+            for index, image in enumerate(_flatten_images(images))
         ]
-        layouts = [self.get_slice_layout(image.height, image.width, max_slice_nums) for image in images]
+        layouts = [
+            self.get_slice_layout(image.height, image.width, settings["max_slice_nums"], settings["max_image_size"])
+            for image in images
+        ]
         patch = self.patch_size
         grid_hw = [
             (size[0] // patch, size[1] // patch)
             for layout in layouts
             for size in [layout.slice_size] * layout.num_slices + [layout.overview_size]
         ]
-        table = _normalization_table(float(self.rescale_factor), tuple(self.image_mean), tuple(self.image_std))
+        table = _normalization_table(
+            float(settings["rescale_factor"]) if settings["do_rescale"] else 1.0,
+            _per_channel(settings["image_mean"]) if settings["do_normalize"] else (0.0, 0.0, 0.0),
+            _per_channel(settings["image_std"]) if settings["do_normalize"] else (1.0, 1.0, 1.0),
+        )
         pixel_values = np.empty((sum(h * w for h, w in grid_hw), 3, patch, patch), dtype=np.float32)
         start = 0
         for image, layout in zip(images, layouts):
@@ -262,6 +294,33 @@ class LlavaUhdImageProcessor(BaseImageProcessor):
 
     def __call__(self, images, **kwargs) -> BatchFeature:
         return self.preprocess(images, **kwargs)
+
+    def _call_settings(self, kwargs: dict) -> dict:
+        """The processor's settings with this call's keywords over them; a keyword that cannot apply is refused."""
+        unknown = sorted(set(kwargs) - set(LlavaUhdImageProcessorKwargs.__annotations__))
+        if unknown:
+            raise TypeError(f"Unexpected arguments for LlavaUhdImageProcessor: {unknown}.")
+        given = {key: value for key, value in kwargs.items() if value is not None}
+        if fixed := sorted(set(given) & set(FIXED_BY_SLICING)):
+            raise ValueError(
+                f"LlavaUhdImageProcessor does not take {fixed}: slicing decides every crop's size and resampling "
+                "(use `max_slice_nums` and `max_image_size`)."
+            )
+        if given.get("do_convert_rgb") is False:
+            raise ValueError("LlavaUhdImageProcessor always converts images to RGB; `do_convert_rgb=False` is refused.")
+        if given.get("return_tensors", "pt") not in ("pt", TensorType.PYTORCH):
+            raise ValueError(f"`return_tensors` must be 'pt' or None, got {given['return_tensors']!r}.")
+        names = ("max_slice_nums", "max_image_size", "apply_exif_orientation", "do_rescale", "rescale_factor")
+        names += ("do_normalize", "image_mean", "image_std")
+        return {name: given.get(name, getattr(self, name)) for name in names}
+
+
+def _per_channel(value: float | list[float] | tuple[float, ...]) -> tuple[float, float, float]:
+    """A mean or std for the three channels: one value for all, or one per channel."""
+    values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * 3
+    if len(values) != 3:
+        raise ValueError(f"`image_mean` and `image_std` take one value or three (RGB), got {value!r}.")
+    return tuple(float(v) for v in values)
 
 
 def _check_positive_int(name: str, value) -> None:

@@ -1,7 +1,9 @@
 """Processor for LLaVA-UHD: tokenizer + image processor + Vicuna v1 chat template."""
 
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin
+
+from .image_processing_llava_uhd import LlavaUhdImageProcessorKwargs
 
 # Vicuna v1 (LLaVA-1.5) conversation format. It starts with the BOS, as the reference's samples do (the processor adds
 # it once, so TRL's `add_special_tokens=False` and a plain processor call agree). `<image>` is followed by "\n" unless
@@ -32,6 +34,33 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
 )
+
+
+class UnusableSampleError(ValueError):
+    """A sample the processor cannot turn into model inputs: its images do not match its `<image>` placeholders, or
+    `max_length` would cut through its image tokens. The message names the sample."""
+
+
+class LlavaUhdProcessorKwargs(ProcessingKwargs, total=False):
+    images_kwargs: LlavaUhdImageProcessorKwargs
+    _defaults = {}  # a TypedDict does not inherit it, and transformers before 5.24 reads it
+
+
+# Text keywords the processor applies itself: the schema is expanded on ids, so padding, truncation and offsets are
+# computed on the expanded sequence. transformers' other text keywords (pairs, targets, overflow, ...) do not apply.
+TEXT_OPTIONS = {
+    "padding": False,
+    "truncation": None,
+    "max_length": None,
+    "pad_to_multiple_of": None,
+    "padding_side": None,
+    "add_special_tokens": True,
+    "return_attention_mask": True,
+    "return_offsets_mapping": False,
+    "return_tensors": None,
+    "verbose": True,
+}
+OUTPUT_FLAGS = ("return_text_replacement_offsets", "return_mm_token_type_ids")
 
 
 class LlavaUhdProcessor(ProcessorMixin):
@@ -82,7 +111,7 @@ class LlavaUhdProcessor(ProcessorMixin):
                 raise ValueError(f"`{name}` {getattr(self, name)} is not an id of this {len(tokenizer)}-token tokenizer.")
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
 
-    def image_token_ids(self, rows: int, cols: int) -> list[int]:
+    def schema_ids(self, rows: int, cols: int) -> list[int]:
         """Token ids one image stands for in the sequence: its schema for a `rows x cols` slice grid (0 x 0: unsliced)."""
         crop = [self.image_token_id] * self.num_queries
         ids = []
@@ -91,27 +120,16 @@ class LlavaUhdProcessor(ProcessorMixin):
                 ids += crop + [self.slice_separator_id if col < cols - 1 else self.row_separator_id]
         return ids + crop
 
-    def __call__(
-        self,
-        images=None,
-        text: str | list[str] | None = None,
-        padding: bool | str = False,
-        truncation: bool | None = None,
-        max_length: int | None = None,
-        pad_to_multiple_of: int | None = None,
-        padding_side: str | None = None,
-        return_tensors: str | None = None,
-        add_special_tokens: bool = True,
-        return_offsets_mapping: bool = False,
-        return_text_replacement_offsets: bool = False,
-        max_slice_nums: int | None = None,
-        **kwargs,
-    ) -> BatchFeature:
+    def __call__(self, images=None, text: str | list[str] | None = None, **kwargs) -> BatchFeature:
         """Tokenize `text`, slice `images` and expand each `<image>` of the text into its schema tokens.
 
         Images are matched to `<image>` placeholders in order: either a flat list over the whole batch, or one list per
-        text. `truncation` with `max_length` refuses to cut through an image's tokens. Unknown keyword arguments go to
-        the tokenizer.
+        text. Keywords are merged as transformers' processors merge them (`text_kwargs` / `images_kwargs` or flat, the
+        tokenizer's own settings as defaults, a keyword given twice refused, an unknown one warned about and ignored):
+        the text ones are `padding`, `truncation` (with `max_length`; it refuses to cut through an image's tokens),
+        `pad_to_multiple_of`, `padding_side`, `add_special_tokens`, `return_attention_mask`, `return_offsets_mapping`,
+        `return_text_replacement_offsets`, `return_mm_token_type_ids`; the image ones are
+        [`LlavaUhdImageProcessor`]'s (`max_slice_nums` trades detail for tokens).
 
         Returns:
             `BatchFeature` with `input_ids`, `attention_mask` and, when there are images, `pixel_values`,
@@ -122,13 +140,18 @@ class LlavaUhdProcessor(ProcessorMixin):
         texts = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("`text` must be a string or a list of strings.")
-        encoded_ids, encoded_offsets, counts = self._tokenize(
-            texts, add_special_tokens, return_offsets_mapping, **kwargs
+        merged = self._merge_kwargs(LlavaUhdProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        options, flags = self._text_options(merged)
+        images_kwargs = {key: value for key, value in merged["images_kwargs"].items() if key != "return_tensors"}
+        return_offsets_mapping = options["return_offsets_mapping"]
+        encoded_ids, encoded_offsets, placeholders = self._tokenize(
+            texts, options["add_special_tokens"], return_offsets_mapping or flags["return_text_replacement_offsets"]
         )
+        counts = [len(spans) for spans in placeholders]
         flat_images = [image for group in self._assign_images(images, counts) for image in group]
         data, grids = {}, []
         if flat_images:
-            image_inputs = self.image_processor(flat_images, max_slice_nums=max_slice_nums)
+            image_inputs = self.image_processor(flat_images, **images_kwargs)
             data.update(image_inputs)
             grids = image_inputs["slice_grid"].tolist()
 
@@ -138,31 +161,81 @@ class LlavaUhdProcessor(ProcessorMixin):
             sample_ids, sample_offsets = [], []
             for token, offset in zip(ids, sample_map):
                 if token == self.image_token_id:
-                    expanded = self.image_token_ids(*grids[image_index])
+                    expanded = self.schema_ids(*grids[image_index])
                     image_index += 1
                     sample_ids += expanded
                     sample_offsets += [(0, 0)] * len(expanded)
                 else:
                     sample_ids.append(token)
                     sample_offsets.append(tuple(offset))
-            if truncation and max_length is not None and len(sample_ids) > max_length:
+            max_length = options["max_length"]
+            if options["truncation"] and max_length is not None and len(sample_ids) > max_length:
                 sample_ids, sample_offsets = self._truncate(sample, sample_ids, sample_offsets, max_length)
             input_ids.append(sample_ids)
             offsets.append(sample_offsets)
 
-        data.update(self._pad(input_ids, offsets, padding, max_length, pad_to_multiple_of, padding_side))
+        data.update(
+            self._pad(
+                input_ids,
+                offsets,
+                options["padding"],
+                options["max_length"],
+                options["pad_to_multiple_of"],
+                options["padding_side"],
+            )
+        )
         if not return_offsets_mapping:
             data.pop("offset_mapping")
-        if return_text_replacement_offsets:
-            # Offsets already refer to the text as written: expansion happens on ids, no characters move.
-            data["text_replacement_offsets"] = [[] for _ in texts]
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        if not options["return_attention_mask"]:
+            data.pop("attention_mask")
+        if flags["return_text_replacement_offsets"]:
+            # Offsets refer to the text as written: the schema goes in as ids, so no character moves and every
+            # placeholder keeps its span.
+            data["text_replacement_offsets"] = [
+                [{"type": "image", "span": span, "new_span": span, "text": self.image_token, "replacement": self.image_token}
+                 for span in spans]
+                for spans in placeholders
+            ]  # fmt: skip
+        if flags["return_mm_token_type_ids"]:
+            data["mm_token_type_ids"] = self.create_mm_token_type_ids(data["input_ids"])
+        return BatchFeature(
+            data=data, tensor_type=options["return_tensors"], skip_tensor_conversion=self.skip_tensor_conversion
+        )
+
+    def _text_options(self, merged: dict) -> tuple[dict, dict]:
+        """The text keywords this processor applies (with their defaults) and the output flags, from merged kwargs;
+        text keywords that cannot apply to an expanded sequence are refused."""
+        text_kwargs = dict(merged["text_kwargs"])
+        flags = {key: bool(text_kwargs.pop(key, merged.get(key))) for key in OUTPUT_FLAGS}
+        options = {key: text_kwargs.pop(key, default) for key, default in TEXT_OPTIONS.items()}
+        options = {key: default if options[key] is None else options[key] for key, default in TEXT_OPTIONS.items()}
+        if refused := sorted(key for key, value in text_kwargs.items() if value not in (None, False)):
+            raise ValueError(f"LlavaUhdProcessor does not support {refused} (the schema is expanded on token ids).")
+        for key in ("padding", "truncation"):  # PaddingStrategy / TruncationStrategy, or their string values
+            options[key] = getattr(options[key], "value", options[key])
+        options["truncation"] = options["truncation"] not in (None, False, "do_not_truncate")
+        return options, flags
+
+    def _get_num_multimodal_tokens(self, image_sizes: list[list[int]] | None = None, **kwargs) -> MultiModalData:
+        """Tokens each image of `(height, width)` stands for in the sequence (its schema, separators included) and its
+        crops, with this call's image keywords (`max_slice_nums`, `max_image_size`)."""
+        if image_sizes is None:
+            return MultiModalData()
+        images_kwargs = self._merge_kwargs(LlavaUhdProcessorKwargs, **kwargs)["images_kwargs"]
+        layouts = [
+            self.image_processor.get_slice_layout(
+                height, width, images_kwargs.get("max_slice_nums"), images_kwargs.get("max_image_size")
+            )
+            for height, width in image_sizes
+        ]
+        tokens = [len(self.schema_ids(*(layout.grid or (0, 0)))) for layout in layouts]
+        return MultiModalData(num_image_tokens=tokens, num_image_patches=[layout.num_crops for layout in layouts])
 
     def _tokenize(
-        self, texts: list[str], add_special_tokens: bool, return_offsets_mapping: bool, **kwargs
-    ) -> tuple[list[list[int]], list[list[tuple[int, int]]], list[int]]:
-        """Token ids and character offsets of each text, `<image>` placeholders as one image token each, and the number
-        of placeholders per text.
+        self, texts: list[str], add_special_tokens: bool, return_offsets_mapping: bool
+    ) -> tuple[list[list[int]], list[list[tuple[int, int]]], list[list[tuple[int, int]]]]:
+        """Token ids and character offsets of each text, `<image>` placeholders as one image token each, and the
+        character span of every placeholder of each text.
 
         As the reference's `tokenizer_image_token`, the text between placeholders is tokenized chunk by chunk, so every
         chunk starts as a text of its own (a sentencepiece tokenizer puts its dummy prefix `▁` there); only the first
@@ -181,7 +254,6 @@ class LlavaUhdProcessor(ProcessorMixin):
                 add_special_tokens=special,
                 return_offsets_mapping=return_offsets_mapping,
                 return_attention_mask=False,
-                **kwargs,
             )
             ids = encoded["input_ids"]
             maps = encoded["offset_mapping"] if return_offsets_mapping else [[(0, 0)] * len(row) for row in ids]
@@ -189,15 +261,16 @@ class LlavaUhdProcessor(ProcessorMixin):
 
         heads = encode([pieces[0] for pieces in chunks], add_special_tokens)
         tails = iter(encode([piece for pieces in chunks for piece in pieces[1:]], False))
-        all_ids, all_offsets = [], []
+        all_ids, all_offsets, all_spans = [], [], []
         for pieces, lead, head in zip(chunks, leading_bos, heads):
             position = len(bos) if lead else 0
-            ids, offsets = [], []
+            ids, offsets, spans = [], [], []
             for index, piece in enumerate(pieces):
                 chunk_ids, chunk_offsets = next(tails) if index else head
                 if index:
                     ids.append(self.image_token_id)
                     offsets.append((0, 0))
+                    spans.append((position - len(self.image_token), position))
                 ids += chunk_ids
                 # Offsets into the whole text; tokens of no characters (the dummy prefix, specials) point nowhere.
                 offsets += [(position + a, position + b) if b > a else (0, 0) for a, b in chunk_offsets]
@@ -206,7 +279,8 @@ class LlavaUhdProcessor(ProcessorMixin):
                 ids, offsets = [bos_id, *ids], [(0, len(bos)), *offsets]
             all_ids.append(ids)
             all_offsets.append(offsets)
-        return all_ids, all_offsets, [len(pieces) - 1 for pieces in chunks]
+            all_spans.append(spans)
+        return all_ids, all_offsets, all_spans
 
     def _assign_images(self, images, counts: list[int]) -> list[list]:
         """Group images per text, checking them against the number of `<image>` placeholders of each text."""
@@ -219,14 +293,14 @@ class LlavaUhdProcessor(ProcessorMixin):
             groups = [list(group) for group in images]
             for sample, (group, count) in enumerate(zip(groups, counts)):
                 if len(group) != count:
-                    raise ValueError(
+                    raise UnusableSampleError(
                         f"Sample {sample}: the text has {count} {self.image_token} placeholder(s) but "
                         f"{len(group)} image(s) were given for it."
                     )
             return groups
         flat = [image for item in images for image in (item if isinstance(item, (list, tuple)) else [item])]
         if len(flat) != sum(counts):
-            raise ValueError(
+            raise UnusableSampleError(
                 f"The text has {sum(counts)} {self.image_token} placeholder(s) but {len(flat)} image(s) were given; "
                 f"placeholders per sample: {counts}."
             )
@@ -242,7 +316,7 @@ class LlavaUhdProcessor(ProcessorMixin):
         kept = slice(len(ids) - max_length, None) if left else slice(0, max_length)
         dropped = ids[: len(ids) - max_length] if left else ids[max_length:]
         if self.image_token_id in dropped:
-            raise ValueError(
+            raise UnusableSampleError(
                 f"Sample {sample}: truncating its {len(ids)} tokens to max_length={max_length} would cut through "
                 f"image tokens. Raise `max_length`, pass fewer images, or lower `max_slice_nums`."
             )
@@ -295,4 +369,4 @@ def _char_id(tokenizer, char: str) -> int:
     return ids[-1]
 
 
-__all__ = ["LlavaUhdProcessor"]
+__all__ = ["LlavaUhdProcessor", "UnusableSampleError"]

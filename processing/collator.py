@@ -12,7 +12,7 @@ from jinja2.exceptions import TemplateError, TemplateSyntaxError
 from PIL import Image
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from modeling_llava_uhd import LlavaUhdProcessor
+from modeling_llava_uhd import LlavaUhdProcessor, UnusableSampleError
 
 from .llava_format import BadRowError, OnBadRow, check_on_bad_row
 
@@ -35,10 +35,10 @@ PLAIN_CHAT_TEMPLATE = (
 )
 ChatFormat = Literal["plain", "chat"]
 _IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
-# What a row can make the processor raise: `ValueError` (images that do not match its `<image>` placeholders, image
-# tokens that do not fit in `max_length`) and the chat template's `raise_exception` (roles out of order). A template that
-# does not compile is not a row's fault: `TemplateSyntaxError` is raised at once.
-_COLLATE_ERRORS = (ValueError, TemplateError)
+# What a row can make the processor raise: `UnusableSampleError` (images that do not match its `<image>` placeholders,
+# image tokens that do not fit in `max_length`) and the chat template's `raise_exception` (roles out of order). Any other
+# error (a code regression, a template that does not compile) is nobody's row's fault and is raised at once.
+_COLLATE_ERRORS = (UnusableSampleError, TemplateError)
 IGNORE_INDEX = -100
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from modeling_llava_uhd import cli, default_model_path
-from modeling_llava_uhd.default_model import CODE_FILES
+from modeling_llava_uhd import BUNDLE_FILES
 from processing.detail_task import make_sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def test_a_llava_uhd_folder_loads_with_the_installed_classes_not_its_own_files(t
     folder = tmp_path / "model"
     shutil.copytree(default_model_path(tmp_path / "source"), folder)
     marker = tmp_path / "marker"
-    for name in CODE_FILES:
+    for name in BUNDLE_FILES:
         with open(folder / name, "a") as code:
             code.write(f"\nimport pathlib\npathlib.Path({str(marker)!r}).write_text({name!r})\n")
     sample = make_sample("test", DETAIL_INDEX)

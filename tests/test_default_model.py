@@ -16,7 +16,8 @@ from transformers import AutoTokenizer
 from modeling_llava_uhd import LlavaUhdConfig, default_model_path
 from modeling_llava_uhd import default_model as default_model_module
 from modeling_llava_uhd.cli import main as cli
-from modeling_llava_uhd.default_model import CODE_FILES, WEIGHTS
+from modeling_llava_uhd import BUNDLE_FILES
+from modeling_llava_uhd.default_model import WEIGHTS
 from processing.detail_task import make_sample
 from training import default_model as recipe
 from training.model import build_model
@@ -34,7 +35,7 @@ def folder(tmp_path_factory):
 
 def test_folder_is_assembled_once_with_weights_and_remote_code(folder):
     names = {path.name for path in folder.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json", *CODE_FILES} <= names
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json", *BUNDLE_FILES} <= names
     assert default_model_path(folder.parent) == folder
     assert [path.name for path in folder.parent.iterdir()] == [folder.name]  # no staging folder left behind
     assert (folder / "model.safetensors").stat().st_size <= 25 * 2**20
@@ -54,7 +55,7 @@ def _truncate(path: Path) -> None:
 
 # What the cache must hold, byte for byte: the shipped model files and this package's code.
 SHIPPED = [path for path in sorted(WEIGHTS.iterdir()) if path.is_file()]
-SHIPPED += [WEIGHTS.parent / name for name in CODE_FILES]
+SHIPPED += [WEIGHTS.parent / name for name in BUNDLE_FILES]
 DAMAGE = {  # how a cached file gets damaged, and whether to ask `llava-uhd chat` afterwards (model loads cost ~2 s)
     "flipped weights": ("model.safetensors", _flip, True),  # today: exit 0, a wrong answer
     "truncated weights": ("model.safetensors", _truncate, True),  # today: a traceback

@@ -128,7 +128,7 @@ def test_layout_properties(width, height, max_slice_nums, geometry, max_image_si
     assert (layout.grid is None) == (multiple <= 1)
     _check_crop_size(layout.overview_size, image_w, image_h, scale, patch)
 
-    tokens = SCHEMA.image_token_ids(*(layout.grid or (0, 0)))
+    tokens = SCHEMA.schema_ids(*(layout.grid or (0, 0)))
     assert len(tokens) == layout.num_crops * SCHEMA.num_queries + layout.num_slices
     if layout.grid is None:
         return
@@ -168,7 +168,7 @@ def test_extreme_sizes_process_end_to_end(width: int, height: int, max_image_siz
     assert out["pixel_values"].shape == (int(out["image_grid_hw"].prod(-1).sum()), 3 * 14 * 14)
     assert torch.isfinite(out["pixel_values"]).all()
     ids = out["input_ids"][0].tolist()
-    assert ids[1:] == processor.image_token_ids(*grid)  # after BOS
+    assert ids[1:] == processor.schema_ids(*grid)  # after BOS
     assert ids.count(processor.image_token_id) == layout.num_crops * 4
     assert len(ids) - 1 == layout.num_crops * 4 + layout.num_slices
 
@@ -306,10 +306,29 @@ def test_lists_overrides_and_options():
     assert RAW(a, return_tensors=None)["pixel_values"].dtype == torch.float32
     with pytest.raises(ValueError, match="return_tensors"):
         RAW(a, return_tensors="np")
-    with pytest.raises(TypeError, match="do_resize"):
-        RAW(a, do_resize=False)
+    # transformers' image keywords that slicing decides itself are refused by name; unknown ones too.
+    with pytest.raises(ValueError, match=r"does not take \['do_resize', 'size'\]: slicing decides"):
+        RAW(a, do_resize=False, size={"height": 336, "width": 336})
+    with pytest.raises(TypeError, match=r"Unexpected arguments for LlavaUhdImageProcessor: \['max_slices'\]"):
+        RAW(a, max_slices=2)
     with pytest.raises(ValueError, match="`max_slice_nums` must be a positive integer, got 0"):
         RAW(a, max_slice_nums=0)
+
+
+def test_normalisation_keywords_are_honoured():
+    """`do_rescale`, `rescale_factor`, `do_normalize`, `image_mean`, `image_std` per call, as transformers' image
+    processors take them; the values are checked against a computation from the raw pixels."""
+    image = gradient(336, 336)
+    raw = torch.tensor(np.asarray(image), dtype=torch.float32)  # 336x336 is one unsliced 24x24-patch crop
+    patches = raw.view(24, 14, 24, 14, 3).permute(0, 2, 4, 1, 3).reshape(576, 3 * 14 * 14)
+    torch.testing.assert_close(RAW(image, do_rescale=False, do_normalize=False)["pixel_values"], patches)
+    torch.testing.assert_close(RAW(image, do_normalize=False)["pixel_values"], patches / 255, atol=1e-6, rtol=0)
+    scaled = RAW(image, rescale_factor=1 / 100, image_mean=0.5, image_std=[0.5, 0.25, 2.0])["pixel_values"]
+    channel_std = torch.tensor([0.5, 0.25, 2.0]).repeat_interleave(14 * 14)
+    torch.testing.assert_close(scaled, (patches / 100 - 0.5) / channel_std, atol=1e-5, rtol=0)
+    assert torch.equal(RAW(image, do_rescale=None)["pixel_values"], RAW(image)["pixel_values"])  # None: the default
+    with pytest.raises(ValueError, match="one value or three"):
+        RAW(image, image_mean=[0.5, 0.5])
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,7 @@ def test_prompt_and_input_ids_match_reference(converted):
     reference = EXPECTED["input_ids"][0].tolist()
     position = FACTS["image_token_position"]
     assert reference[position] == -200
-    schema = processor.image_token_ids(*FACTS["grid_cols_rows"][::-1])
+    schema = processor.schema_ids(*FACTS["grid_cols_rows"][::-1])
     assert inputs["input_ids"][0].tolist() == reference[:position] + schema + reference[position + 1 :]
     assert inputs["input_ids"].shape[1] == FACTS["sequence_length"]
     assert inputs["slice_grid"].tolist() == [FACTS["grid_cols_rows"][::-1]]

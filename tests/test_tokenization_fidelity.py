@@ -103,7 +103,8 @@ def test_converted_tokenizer_keeps_the_original_settings(tmp_path, processor):
     tokenizer.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert saved["legacy"] is legacy(processor)
-    assert saved["model_max_length"] == 2048 and saved["padding_side"] == "right" and saved["pad_token"] == "<unk>"
+    assert saved["model_max_length"] == 2048 and saved["pad_token"] == "<unk>"
+    assert saved["padding_side"] == "left"  # the release's is "right": batched generation needs left padding
     assert not (tmp_path / "tokenizer.model").exists()  # a fast tokenizer: the folder loads without sentencepiece
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
     for text in ("a  b", " A bus.", "x.  ASSISTANT:", "USER: hi</s>USER: yo", "\n\tTab"):

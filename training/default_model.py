@@ -29,7 +29,8 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from modeling_llava_uhd.default_model import CODE_FILES, WEIGHTS
+from modeling_llava_uhd import BUNDLE_FILES
+from modeling_llava_uhd.default_model import WEIGHTS
 from processing.detail_task import PATTERNS, make_sample, vocabulary_corpus, write_images, write_rows
 
 from .sft import main as sft_main
@@ -147,7 +148,7 @@ def ship(work: Path) -> None:
     shutil.rmtree(WEIGHTS, ignore_errors=True)
     WEIGHTS.mkdir()
     for path in [*(work / "slices").iterdir(), work / "evaluation.json"]:
-        if path.is_file() and path.name not in (*CODE_FILES, "training_args.bin"):
+        if path.is_file() and path.name not in (*BUNDLE_FILES, "training_args.bin"):
             shutil.copyfile(path, WEIGHTS / path.name)
 
 

@@ -28,6 +28,7 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokeniz
         unk_token="<unk>",
         pad_token="<pad>",
         extra_special_tokens=["<image>"],
+        padding_side="left",  # for batched generation; training collators pad on the right themselves
     )
 
 
