@@ -10,9 +10,9 @@ each after the reference's pre-resize), all with the same random weights:
   way (positions resized and RoIAlign built per call, keys and values pooled, then projected by
   `nn.MultiheadAttention`, queries projected per crop);
 * grouped, same computation: one such forward per distinct crop shape (what this package did before);
-* `get_image_features` (ours): one pass per shape through the layers up to the feature layer only, no other hidden
-  state kept; queries projected once, keys and values projected before the (separable) RoI pooling, position tables
-  and RoIAlign maps cached per shape.
+* `get_image_features` (ours): one vision-tower forward per shape, the feature layer read from the tower's own hidden
+  states; queries projected once, keys and values projected before the (separable) RoI pooling, position tables and
+  RoIAlign maps cached per shape.
 Configs: `small` has ViT-L's depth (24 layers) at 128 wide (2 heads of 64) and a 512-wide resampler (4 heads of 128),
 so it runs on a CPU; `vit-l` is CLIP ViT-L/14-336 with a 5120-wide resampler (13B), the real sizes; `tiny` is the
 test suite's.

@@ -58,6 +58,8 @@ KEY_RULES = (
 VISION_RULE = (re.compile(r"^vision_model\.(.+)$"), r"model.vision_tower.\1")
 VISION_IGNORED = re.compile(r"^(text_model\.|visual_projection\.|text_projection\.|logit_scale)")
 EMBEDDING_KEYS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
+# LLM families the converter maps (a word of the original's `model_type` / `architectures` -> transformers model type).
+SUPPORTED_LLMS = {"qwen": "qwen2", "llama": "llama"}
 # LLaVA-only fields of the original config.json that are not part of the language model's config.
 LLAVA_FIELDS = re.compile(r"^(mm_|image_|tune_|freeze_|tokenizer_|use_mm|unfreeze)")
 # Written last into every converted folder: the names and sizes of the files the conversion wrote (itself excluded).
@@ -165,9 +167,15 @@ def iter_tensors(path: Path, keep=lambda name: True) -> Iterator[tuple[str, torc
 
 
 def text_config_from(original: dict) -> dict:
-    """The language model's config from an original LLaVA config.json (Llama/Vicuna or Qwen2)."""
-    kinds = " ".join([original.get("model_type", ""), *original.get("architectures", [])]).lower()
-    model_type = "qwen2" if "qwen" in kinds else "llama"
+    """The language model's config from an original LLaVA config.json (Llama/Vicuna or Qwen2); other LLM families are
+    refused, naming the supported ones."""
+    kinds = " ".join([str(original.get("model_type", "")), *map(str, original.get("architectures") or [])]).lower()
+    model_type = next((family for key, family in SUPPORTED_LLMS.items() if key in kinds), None)
+    if model_type is None:
+        raise ConversionError(
+            f"The original's LLM ({kinds.strip() or 'no model_type or architectures'}) is not supported; supported: "
+            f"{', '.join(sorted(set(SUPPORTED_LLMS.values())))} (Llama covers Vicuna)."
+        )
     known = set(CONFIG_MAPPING[model_type]().to_dict())
     fields = {k: v for k, v in original.items() if k in known and not LLAVA_FIELDS.match(k)}
     fields.pop("architectures", None)

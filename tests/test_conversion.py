@@ -277,3 +277,14 @@ def test_sentencepiece_tokenizer_problems_are_named(tmp_path, monkeypatch):
     (folder / "tokenizer.model").write_bytes(b"\x0a\x05hello-not-a-model")
     with pytest.raises(ConversionError, match="tokenizer.model is not a sentencepiece model"):
         prepare_tokenizer(folder)
+
+
+@pytest.mark.parametrize("model_type,architectures", [("llava_mistral", ["LlavaMistralForCausalLM"]), ("mpt", [])])
+def test_unknown_llm_families_are_refused_naming_the_supported_ones(tmp_path, model_type, architectures):
+    original = tmp_path / "original"
+    write_original(original)
+    config = json.loads((original / "config.json").read_text())
+    (original / "config.json").write_text(json.dumps({**config, "model_type": model_type, "architectures": architectures}))
+    with pytest.raises(ConversionError, match=f"LLM \\({model_type}.*\\) is not supported; supported: llama, qwen2"):
+        run_convert(tmp_path, original)
+    assert not (tmp_path / "converted").exists()
