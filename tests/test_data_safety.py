@@ -214,6 +214,17 @@ def test_failures_that_no_row_causes_are_raised_not_replaced(processor, rows):
     with pytest.raises(TemplateSyntaxError):
         broken([short])
     assert broken.num_replaced == 0
+    # A bug in the processor (any error but `UnusableSampleError`) is raised at once, not read as unusable rows.
+    buggy = make_collator(processor, dataset=Dataset.from_list([short]), on_bad_row="skip")
+
+    def bug(*args, **kwargs):
+        raise ValueError("a code regression")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(processor), "_pad", bug)
+        with pytest.raises(ValueError, match="a code regression"):
+            buggy([short])
+    assert buggy.num_replaced == 0
     # A dataset without a usable row: the draws stop, naming the last failure.
     hopeless = make_collator(processor, max_length=20, dataset=Dataset.from_list([long]), on_bad_row="skip")
     hopeless.max_replacements = 3
