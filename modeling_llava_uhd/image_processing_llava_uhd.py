@@ -40,7 +40,7 @@ class LlavaUhdImageProcessorKwargs(ImagesKwargs, total=False):
 # Keywords of transformers' `ImagesKwargs` that LLaVA-UHD's slicing decides itself (crop sizes, resampling, layout).
 FIXED_BY_SLICING = (
     "do_resize", "size", "default_to_square", "crop_size", "resample", "do_pad", "pad_size", "do_center_crop",
-    "data_format", "input_data_format", "device", "disable_grouping", "image_seq_length",
+    "data_format", "device", "disable_grouping", "image_seq_length",
 )  # fmt: skip
 
 
@@ -239,9 +239,10 @@ class LlavaUhdImageProcessor(BaseImageProcessor):
 
         Args:
             images: PIL images, `uint8`/float (in [0, 1]) arrays or tensors (HWC or CHW), or local paths / URLs.
-            kwargs: this call's values of `max_slice_nums` (a token budget), `max_image_size`, `apply_exif_orientation`,
-                `do_rescale`, `rescale_factor`, `do_normalize`, `image_mean`, `image_std` (`None`: the processor's),
-                and `return_tensors` (`"pt"` or `None`). transformers' other image keywords (`size`, `resample`,
+            kwargs: this call's values of `max_slice_nums` (a token budget), `max_image_size`,
+                `apply_exif_orientation`, `do_rescale`, `rescale_factor`, `do_normalize`, `image_mean`, `image_std`
+                (`None`: the processor's), `input_data_format` (where an array's channels are) and `return_tensors`
+                (`"pt"` or `None`). transformers' other image keywords (`size`, `resample`,
                 `do_center_crop`, ...) do not apply to slicing and are refused.
 
         Returns:
@@ -250,7 +251,7 @@ class LlavaUhdImageProcessor(BaseImageProcessor):
         """
         settings = self._call_settings(kwargs)
         images = [
-            _to_rgb(image, index, settings["apply_exif_orientation"])
+            _to_rgb(image, index, settings["apply_exif_orientation"], settings["input_data_format"])
             for index, image in enumerate(_flatten_images(images))
         ]
         layouts = [
@@ -307,12 +308,16 @@ class LlavaUhdImageProcessor(BaseImageProcessor):
                 "(use `max_slice_nums` and `max_image_size`)."
             )
         if given.get("do_convert_rgb") is False:
-            raise ValueError("LlavaUhdImageProcessor always converts images to RGB; `do_convert_rgb=False` is refused.")
+            raise ValueError("LlavaUhdImageProcessor always converts to RGB: `do_convert_rgb=False` is refused.")
         if given.get("return_tensors", "pt") not in ("pt", TensorType.PYTORCH):
             raise ValueError(f"`return_tensors` must be 'pt' or None, got {given['return_tensors']!r}.")
         names = ("max_slice_nums", "max_image_size", "apply_exif_orientation", "do_rescale", "rescale_factor")
         names += ("do_normalize", "image_mean", "image_std")
-        return {name: given.get(name, getattr(self, name)) for name in names}
+        settings = {name: given.get(name, getattr(self, name)) for name in names}
+        layout = str(getattr(given.get("input_data_format"), "value", given.get("input_data_format", "")))
+        if layout not in ("", "channels_first", "channels_last"):
+            raise ValueError(f"`input_data_format` must be 'channels_first' or 'channels_last', got {layout!r}.")
+        return {**settings, "input_data_format": layout or None}
 
 
 def _per_channel(value: float | list[float] | tuple[float, ...]) -> tuple[float, float, float]:
@@ -334,18 +339,19 @@ def _flatten_images(images) -> list:
     return [images]
 
 
-def _to_rgb(image: ImageLike, index: int, exif_orientation: bool) -> Image.Image:
+def _to_rgb(image: ImageLike, index: int, exif_orientation: bool, layout: str | None = None) -> Image.Image:
     """Any supported image input as an RGB PIL image (upright by its EXIF orientation tag if `exif_orientation`), with
-    an error that names `images[index]`."""
+    an error that names `images[index]`. `layout` (`channels_first` / `channels_last`) says how an array or tensor is
+    laid out; without it, the layout is inferred."""
     name = f"images[{index}]"
     if isinstance(image, (str, os.PathLike)):
         image = _open_image(os.fspath(image), name)
     elif isinstance(image, torch.Tensor):
         image = image.detach().cpu()
         # numpy has no bfloat16: widen it (exactly) to float32 first.
-        image = _array_to_pil((image.float() if image.dtype == torch.bfloat16 else image).numpy(), name)
+        image = _array_to_pil((image.float() if image.dtype == torch.bfloat16 else image).numpy(), name, layout)
     elif isinstance(image, np.ndarray):
-        image = _array_to_pil(image, name)
+        image = _array_to_pil(image, name, layout)
     elif not isinstance(image, Image.Image):
         raise TypeError(
             f"{name} must be a PIL image, a numpy array, a torch tensor or a path, got {type(image).__name__}."
@@ -378,9 +384,11 @@ def _open_image(source: str, name: str) -> Image.Image:
         raise ValueError(f"{name}: {source!r} is not a readable image: {error}") from error
 
 
-def _array_to_pil(array: np.ndarray, name: str) -> Image.Image:
-    """`[H, W]`, `[H, W, C]` or `[C, H, W]` arrays (C in 1, 3, 4): uint8, uint16, bool, or floats in [0, 1]."""
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+def _array_to_pil(array: np.ndarray, name: str, layout: str | None = None) -> Image.Image:
+    """`[H, W]`, `[H, W, C]` or `[C, H, W]` arrays (C in 1, 3, 4): uint8, uint16, bool, or floats in [0, 1]. The
+    channel axis is `layout`'s, else the first when only it has 1, 3 or 4 entries, else the last."""
+    guessed_first = array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4)
+    if array.ndim == 3 and (layout == "channels_first" if layout else guessed_first):
         array = array.transpose(1, 2, 0)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]

@@ -1,6 +1,7 @@
 """PyTorch LLaVA-UHD: CLIP on variable-sized image slices, a compressing resampler, and a causal language model."""
 
 import math
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -24,6 +25,14 @@ POOLING_SIZES = ((4, 2), (3, 2), (4, 3), (3, 3), (2, 4), (2, 3), (3, 4))
 CACHE_SIZE = 128
 # The KV cache's name in model arguments and outputs: `cache` since transformers 5.24, `past_key_values` before.
 CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The KV cache under either of its names; `past_key_values` warns where transformers deprecates it (5.24 on)."""
+    if past_key_values is not None and CACHE_NAME == "cache":
+        message = "`past_key_values` is deprecated and will be removed in transformers 5.40: use `cache`."
+        warnings.warn(message, FutureWarning, stacklevel=3)
+    return cache if cache is not None else past_key_values
 
 
 @dataclass
@@ -174,7 +183,7 @@ class LlavaUhdResampler(nn.Module):
         self.num_queries = config.num_queries
         self.spatial = config.projector_type == "spatial_resampler"
         self.query = nn.Parameter(torch.empty(self.num_queries, embed_dim))
-        self.register_buffer("pos_embed", torch.empty(self.num_queries, embed_dim))
+        self.register_buffer("pos_embed", sincos_position_table(embed_dim, math.isqrt(self.num_queries)))
         self.kv_proj = nn.Linear(kv_dim, embed_dim, bias=False) if kv_dim != embed_dim else nn.Identity()
         self.attn = LlavaUhdResamplerAttention(embed_dim, config.resampler_num_heads)
         self.ln_q = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -319,7 +328,11 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
         for index, shape in enumerate(grid_hw):
             groups.setdefault(tuple(shape), []).append(index)
 
-        wanted = [name for name in ("hidden_states", "attentions") if kwargs.pop(f"output_{name}", False)]
+        wanted = []  # `output_hidden_states` / `output_attentions` of the call, else of the config
+        for name in ("hidden_states", "attentions"):
+            requested = kwargs.pop(f"output_{name}", None)
+            if getattr(self.config, f"output_{name}", False) if requested is None else requested:
+                wanted.append(name)
         tokens, per_crop = None, {name: [None] * len(grid_hw) for name in wanted}
         for (height, width), indices in groups.items():
             images = torch.stack([crops[i] for i in indices]).view(len(indices), height, width, 3, patch, patch)
@@ -338,7 +351,9 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
             tokens[indices] = compressed
             for name in wanted:
                 if outputs.get(name) is None:
-                    raise ValueError(f"The vision tower returned no {name}; load the model with attn_implementation='eager'.")
+                    raise ValueError(
+                        f"The vision tower returned no {name}; load the model with attn_implementation='eager'."
+                    )
                 for position, index in enumerate(indices):
                     per_crop[name][index] = tuple(state[position] for state in outputs[name])
 
@@ -374,7 +389,7 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
         cache (`Cache`, *optional*): the KV cache; `past_key_values` is accepted as its other name, as transformers
             accepts both.
         """
-        cache = cache if cache is not None else past_key_values
+        cache = _cache_argument(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         if pixel_values is not None and mm_encoder_outputs is not None:
@@ -388,18 +403,21 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
                 raise ValueError("`pixel_values` needs the `image_grid_hw` and `slice_grid` of the image processor.")
             image_outputs = self.get_image_features(pixel_values, image_grid_hw, slice_grid, return_dict=True)
 
-        mask = self.get_placeholder_mask(input_ids, inputs_embeds)
-        num_features = sum(len(t) for t in image_outputs.pooler_output) if image_outputs is not None else 0
-        num_tokens = int(mask.sum())
-        if num_tokens != num_features:
-            raise ValueError(
-                f"Image features and image tokens do not match: the input has {num_tokens} `<image>` token(s) but the "
-                f"images give {num_features} feature(s) ({self.config.num_queries} per crop). Build inputs with "
-                "LlavaUhdProcessor, and check its `num_queries` equals the model's."
-            )
-        if num_features:
-            features = torch.cat(image_outputs.pooler_output).to(inputs_embeds.device, inputs_embeds.dtype)
-            inputs_embeds = inputs_embeds.masked_scatter(mask[..., None].to(inputs_embeds.device), features)
+        # Without images, `<image>` tokens are embedded as the text tokens they are (as transformers' LLaVA models do:
+        # an assistant model's prefill, a decode step); images must match them exactly.
+        if image_outputs is not None:
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+            num_features = sum(len(t) for t in image_outputs.pooler_output)
+            num_tokens = int(mask.sum())
+            if num_tokens != num_features:
+                raise ValueError(
+                    f"Image features and image tokens do not match: the input has {num_tokens} `<image>` token(s) but "
+                    f"the images give {num_features} feature(s) ({self.config.num_queries} per crop). Build inputs "
+                    "with LlavaUhdProcessor, and check its `num_queries` equals the model's."
+                )
+            if num_features:
+                features = torch.cat(image_outputs.pooler_output).to(inputs_embeds.device, inputs_embeds.dtype)
+                inputs_embeds = inputs_embeds.masked_scatter(mask[..., None].to(inputs_embeds.device), features)
 
         length = inputs_embeds.shape[1] + (cache.get_seq_length() if cache is not None else 0)
         limit = getattr(self.config.text_config, "max_position_embeddings", None)
@@ -423,6 +441,7 @@ class LlavaUhdForConditionalGeneration(LlavaUhdPreTrainedModel, GenerationMixin)
     """LLaVA-UHD with a language modeling head: answers about images of any aspect ratio and resolution."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: LlavaUhdConfig):
         super().__init__(config)
@@ -504,7 +523,7 @@ class LlavaUhdForConditionalGeneration(LlavaUhdPreTrainedModel, GenerationMixin)
             slice_grid=slice_grid,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values,
+            cache=_cache_argument(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,

@@ -82,6 +82,8 @@ class LlavaUhdProcessor(ProcessorMixin):
             tokenizer's id of `\n` after a word.
     """
 
+    valid_processor_kwargs = LlavaUhdProcessorKwargs
+
     def __init__(
         self,
         image_processor=None,
@@ -140,7 +142,9 @@ class LlavaUhdProcessor(ProcessorMixin):
         texts = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("`text` must be a string or a list of strings.")
-        merged = self._merge_kwargs(LlavaUhdProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        merged = self._merge_kwargs(
+            LlavaUhdProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
         options, flags = self._text_options(merged)
         images_kwargs = {key: value for key, value in merged["images_kwargs"].items() if key != "return_tensors"}
         return_offsets_mapping = options["return_offsets_mapping"]
@@ -155,29 +159,29 @@ class LlavaUhdProcessor(ProcessorMixin):
             data.update(image_inputs)
             grids = image_inputs["slice_grid"].tolist()
 
-        input_ids, offsets = [], []
+        input_ids, offsets, types = [], [], []  # types: 1 on an image's schema (image tokens and separators)
         image_index = 0
         for sample, (ids, sample_map) in enumerate(zip(encoded_ids, encoded_offsets)):
-            sample_ids, sample_offsets = [], []
+            sample_ids, sample_offsets, sample_types = [], [], []
             for token, offset in zip(ids, sample_map):
-                if token == self.image_token_id:
-                    expanded = self.schema_ids(*grids[image_index])
-                    image_index += 1
-                    sample_ids += expanded
-                    sample_offsets += [(0, 0)] * len(expanded)
-                else:
-                    sample_ids.append(token)
-                    sample_offsets.append(tuple(offset))
+                expanded = self.schema_ids(*grids[image_index]) if token == self.image_token_id else [token]
+                image_index += token == self.image_token_id
+                sample_ids += expanded
+                sample_offsets += [(0, 0)] * len(expanded) if token == self.image_token_id else [tuple(offset)]
+                sample_types += [int(token == self.image_token_id)] * len(expanded)
+            kept = slice(None)
             max_length = options["max_length"]
             if options["truncation"] and max_length is not None and len(sample_ids) > max_length:
-                sample_ids, sample_offsets = self._truncate(sample, sample_ids, sample_offsets, max_length)
-            input_ids.append(sample_ids)
-            offsets.append(sample_offsets)
+                kept = self._truncation(sample, sample_types, max_length)
+            input_ids.append(sample_ids[kept])
+            offsets.append(sample_offsets[kept])
+            types.append(sample_types[kept])
 
         data.update(
             self._pad(
                 input_ids,
                 offsets,
+                types,
                 options["padding"],
                 options["max_length"],
                 options["pad_to_multiple_of"],
@@ -191,13 +195,13 @@ class LlavaUhdProcessor(ProcessorMixin):
         if flags["return_text_replacement_offsets"]:
             # Offsets refer to the text as written: the schema goes in as ids, so no character moves and every
             # placeholder keeps its span.
+            token = self.image_token
             data["text_replacement_offsets"] = [
-                [{"type": "image", "span": span, "new_span": span, "text": self.image_token, "replacement": self.image_token}
-                 for span in spans]
+                [{"type": "image", "span": span, "new_span": span, "text": token, "replacement": token} for span in spans]
                 for spans in placeholders
-            ]  # fmt: skip
-        if flags["return_mm_token_type_ids"]:
-            data["mm_token_type_ids"] = self.create_mm_token_type_ids(data["input_ids"])
+            ]
+        if not flags["return_mm_token_type_ids"]:
+            data.pop("mm_token_type_ids")
         return BatchFeature(
             data=data, tensor_type=options["return_tensors"], skip_tensor_conversion=self.skip_tensor_conversion
         )
@@ -310,19 +314,20 @@ class LlavaUhdProcessor(ProcessorMixin):
             start += count
         return groups
 
-    def _truncate(self, sample: int, ids: list[int], offsets: list, max_length: int) -> tuple[list, list]:
-        """Truncate to `max_length` on the tokenizer's truncation side, refusing to cut an image's tokens."""
+    def _truncation(self, sample: int, types: list[int], max_length: int) -> slice:
+        """The positions kept by truncating to `max_length` on the tokenizer's truncation side; cutting into an
+        image's schema (`types` 1) is refused."""
         left = getattr(self.tokenizer, "truncation_side", "right") == "left"
-        kept = slice(len(ids) - max_length, None) if left else slice(0, max_length)
-        dropped = ids[: len(ids) - max_length] if left else ids[max_length:]
-        if self.image_token_id in dropped:
+        kept = slice(len(types) - max_length, None) if left else slice(0, max_length)
+        dropped = types[: len(types) - max_length] if left else types[max_length:]
+        if 1 in dropped:
             raise UnusableSampleError(
-                f"Sample {sample}: truncating its {len(ids)} tokens to max_length={max_length} would cut through "
+                f"Sample {sample}: truncating its {len(types)} tokens to max_length={max_length} would cut through "
                 f"image tokens. Raise `max_length`, pass fewer images, or lower `max_slice_nums`."
             )
-        return ids[kept], offsets[kept]
+        return kept
 
-    def _pad(self, input_ids, offsets, padding, max_length, pad_to_multiple_of, padding_side) -> dict:
+    def _pad(self, input_ids, offsets, types, padding, max_length, pad_to_multiple_of, padding_side) -> dict:
         lengths = [len(ids) for ids in input_ids]
         if padding is True or padding == "longest":
             target = max(lengths, default=0)
@@ -341,18 +346,16 @@ class LlavaUhdProcessor(ProcessorMixin):
             raise ValueError(f"`padding_side` must be 'left' or 'right', got {side!r}.")
         if target is not None and self.tokenizer.pad_token_id is None and any(n < target for n in lengths):
             raise ValueError("The tokenizer has no pad token; set `tokenizer.pad_token` to pad a batch.")
-        out = {"input_ids": [], "attention_mask": [], "offset_mapping": []}
-        for ids, offset in zip(input_ids, offsets):
-            missing = max((target or 0) - len(ids), 0)
-            pad_ids, pad_mask, pad_offsets = [self.tokenizer.pad_token_id] * missing, [0] * missing, [(0, 0)] * missing
-            mask = [1] * len(ids)
-            if side == "left":
-                ids, mask, offset = pad_ids + ids, pad_mask + mask, pad_offsets + offset
-            else:
-                ids, mask, offset = ids + pad_ids, mask + pad_mask, offset + pad_offsets
-            out["input_ids"].append(ids)
-            out["attention_mask"].append(mask)
-            out["offset_mapping"].append(offset)
+        columns = {  # name: (rows, padding value)
+            "input_ids": (input_ids, self.tokenizer.pad_token_id),
+            "attention_mask": ([[1] * len(ids) for ids in input_ids], 0),
+            "offset_mapping": (offsets, (0, 0)),
+            "mm_token_type_ids": (types, 0),
+        }
+        out = {}
+        for name, (rows, value) in columns.items():
+            pads = [[value] * max((target or 0) - len(row), 0) for row in rows]
+            out[name] = [pad + row if side == "left" else row + pad for row, pad in zip(rows, pads)]
         return out
 
     @property

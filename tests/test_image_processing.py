@@ -315,6 +315,17 @@ def test_lists_overrides_and_options():
         RAW(a, max_slice_nums=0)
 
 
+def test_input_data_format_says_where_the_channels_are():
+    """An array whose layout cannot be told from its shape is read as the caller says (inferred: channels last)."""
+    array = np.random.default_rng(0).integers(0, 256, (3, 40, 4), dtype=np.uint8)  # 3 channels of 40x4, or 3x40 RGBA
+    first = RAW(array, input_data_format="channels_first")
+    expected = RAW(np.ascontiguousarray(array.transpose(1, 2, 0)))
+    assert torch.equal(first["pixel_values"], expected["pixel_values"])
+    assert not torch.equal(RAW(array)["pixel_values"], first["pixel_values"])
+    with pytest.raises(ValueError, match="`input_data_format` must be 'channels_first' or 'channels_last'"):
+        RAW(array, input_data_format="chw")
+
+
 def test_normalisation_keywords_are_honoured():
     """`do_rescale`, `rescale_factor`, `do_normalize`, `image_mean`, `image_std` per call, as transformers' image
     processors take them; the values are checked against a computation from the raw pixels."""

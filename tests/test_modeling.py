@@ -205,8 +205,9 @@ def test_bfloat16_and_device_map(processor, tmp_path):
     ids=["greedy", "sampling", "beam_search"],
 )
 def test_generation_never_emits_the_image_or_pad_token(processor, decoding):
-    """A model whose logits favour `<image>`, then `<pad>`: generation continues with other tokens instead of feeding
-    an image token without image features back into the model (which stops it with an error)."""
+    """A model whose logits favour `<image>`, then `<pad>`: generation goes on with other tokens instead of emitting
+    image tokens that no image stands behind (which stopped generation with an error before image tokens without
+    features were embedded as text)."""
     model = make_model()
     image_id, pad_id = model.config.image_token_id, model.generation_config.pad_token_id
     head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
@@ -219,8 +220,8 @@ def test_generation_never_emits_the_image_or_pad_token(processor, decoding):
     with torch.no_grad():
         assert model(**inputs).logits[0, -1].topk(2).indices.tolist() == [image_id, pad_id]
     model.generation_config.suppress_tokens = None  # a folder saved before `generate` suppressed anything
-    with pytest.raises(ValueError, match="Image features and image tokens do not match"):
-        GenerationMixin.generate(model, **inputs, max_new_tokens=3, do_sample=False)  # what `generate` did before
+    unsuppressed = GenerationMixin.generate(model, **inputs, max_new_tokens=3, do_sample=False)  # what it did before
+    assert unsuppressed[0, inputs["input_ids"].shape[1]] == image_id
 
     torch.manual_seed(0)
     out = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, **decoding)
@@ -280,3 +281,42 @@ def test_a_decode_step_with_the_cache_equals_full_recompute(processor, name):
     torch.testing.assert_close(step, full.logits[:, -1], atol=1e-5, rtol=1e-5)
     no_cache = model(input_ids=token, attention_mask=torch.ones_like(token)).logits[:, -1]
     assert not torch.allclose(no_cache, full.logits[:, -1], atol=1e-3)  # the context matters: the cache was used
+
+
+def test_assisted_generation_equals_greedy(processor):
+    """transformers' assisted decoding runs the assistant's prefill without images: their tokens embed as text."""
+    model, assistant = make_model(seed=0), make_model(seed=1)
+    inputs = _inputs(processor, [photo("coffee", (300, 200))])
+    greedy = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assisted = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, assistant_model=assistant)
+    assert torch.equal(assisted, greedy)
+
+
+def test_resampler_positions_are_set_at_construction():
+    from modeling_llava_uhd.modeling_llava_uhd import LlavaUhdResampler, sincos_position_table
+
+    config = make_model().config
+    resampler = LlavaUhdResampler(config)
+    expected = sincos_position_table(config.text_config.hidden_size, 4)  # 16 queries: a 4x4 grid
+    torch.testing.assert_close(resampler.pos_embed, expected)
+
+
+def test_image_features_follow_the_configs_output_flags(processor):
+    model = make_model()
+    model.config.output_hidden_states = True
+    inputs = _inputs(processor, [photo("coffee", (300, 200))])
+    out = model.get_image_features(inputs["pixel_values"], inputs["image_grid_hw"], inputs["slice_grid"])
+    assert len(out.hidden_states) == model.config.vision_config.num_hidden_layers + 1
+    plain = model.get_image_features(
+        inputs["pixel_values"], inputs["image_grid_hw"], inputs["slice_grid"], output_hidden_states=False
+    )
+    assert plain.hidden_states is None
+
+
+@pytest.mark.skipif(CACHE_NAME != "cache", reason="`past_key_values` is the cache's only name before transformers 5.24")
+def test_past_key_values_is_deprecated_where_transformers_deprecates_it(processor):
+    model = make_model()
+    inputs = _inputs(processor, [photo("coffee", (300, 200))])
+    cache = getattr(model(**inputs, use_cache=True), CACHE_NAME)
+    with pytest.warns(FutureWarning, match="use `cache`"):
+        model(input_ids=inputs["input_ids"][:, -1:], past_key_values=cache)

@@ -1,6 +1,7 @@
 """LlavaUhdProcessor follows transformers' processor contract: keyword routes, token counts, offsets, batching."""
 
 import logging
+from itertools import groupby
 
 import pytest
 import torch
@@ -90,7 +91,11 @@ def test_replacement_offsets_and_token_types_locate_the_images():
     assert [text[start:end] for start, end in spans] == ["<image>", "<image>"] and spans[0][0] == text.index("<image>")
     assert all(entry["new_span"] == entry["span"] for entry in out["text_replacement_offsets"][0])
     ids = out["input_ids"][0]
-    assert out["mm_token_type_ids"][0] == [int(token == I) for token in ids]
+    # Token types mark each image's whole schema (image tokens and separators), as many as the count says.
+    types = out["mm_token_type_ids"][0]
+    counts = PROCESSOR._get_num_multimodal_tokens(image_sizes=[(300, 700), (200, 200)]).num_image_tokens
+    assert sum(types) == sum(counts) and all(types[i] for i, token in enumerate(ids) if token == I)
+    assert [len(list(run)) for marked, run in groupby(types) if marked] == counts
     # Offsets are in the text as written: every text token's characters are where the offsets say.
     for token, (start, end) in zip(ids, out["offset_mapping"][0]):
         if end > start:
