@@ -99,19 +99,22 @@ def resolve(source: str, flag: str, allow_patterns: list[str] | None = None) -> 
         ) from error
 
 
-def check_arguments(args: argparse.Namespace) -> None:
+def check_arguments(pad_vocab_to: int, max_shard_size: float, resampler_num_heads: int | None) -> None:
     """Refuse values that would fail later, before anything is read or written."""
-    if args.pad_vocab_to < 1:
-        raise ConversionError(f"--pad-vocab-to must be a positive integer, got {args.pad_vocab_to}.")
-    if not 0 < args.max_shard_size < math.inf:
-        raise ConversionError(f"--max-shard-size must be a positive number of GiB, got {args.max_shard_size}.")
-    if args.resampler_num_heads is not None and args.resampler_num_heads < 1:
-        raise ConversionError(f"--resampler-num-heads must be a positive integer, got {args.resampler_num_heads}.")
-    if args.push_to_hub:
-        try:
-            validate_repo_id(args.push_to_hub)
-        except HFValidationError as error:
-            raise ConversionError(f"--push-to-hub {args.push_to_hub!r} is not a Hub repo id: {error}") from error
+    if pad_vocab_to < 1:
+        raise ConversionError(f"--pad-vocab-to must be a positive integer, got {pad_vocab_to}.")
+    if not 0 < max_shard_size < math.inf:
+        raise ConversionError(f"--max-shard-size must be a positive number of GiB, got {max_shard_size}.")
+    if resampler_num_heads is not None and resampler_num_heads < 1:
+        raise ConversionError(f"--resampler-num-heads must be a positive integer, got {resampler_num_heads}.")
+
+
+def check_push_target(repo_id: str) -> None:
+    """Refuse a `--push-to-hub` value that is no Hub repo id, before converting."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ConversionError(f"--push-to-hub {repo_id!r} is not a Hub repo id: {error}") from error
 
 
 def read_json(path: Path) -> dict:
@@ -182,7 +185,43 @@ def text_config_from(original: dict) -> dict:
     return {**fields, "model_type": model_type}
 
 
-def build_config(original: dict, vision_folder: Path, projector: dict[str, torch.Tensor], args) -> LlavaUhdConfig:
+def read_original_config(original: Path) -> dict:
+    """The original checkpoint's config.json."""
+    config_path = original / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"{original} has no config.json; expected an original LLaVA-UHD checkpoint folder.")
+    return read_json(config_path)
+
+
+def model_sources(original: Path, text_folder: Path, separate_llm: bool) -> list[Path]:
+    """The weight files holding the LLM and the projector: the original's shards, or with a separate LLM
+    (`--text-model`) the stage-1 `mm_projector.bin` (when there is one) and the LLM's shards. A stage-1 folder without
+    a separate LLM is refused."""
+    stage1 = original / STAGE1_PROJECTOR
+    if not separate_llm and stage1.is_file() and not any(original.glob("*.safetensors")):
+        if not [p for p in original.glob("*.bin") if p.name != STAGE1_PROJECTOR]:
+            raise ConversionError(f"{original} is a stage-1 folder ({STAGE1_PROJECTOR} only): pass the LLM as --text-model.")
+    return ([stage1] if separate_llm and stage1.is_file() else []) + weight_files(text_folder)
+
+
+def load_projector(sources: list[Path], original: Path) -> dict[str, torch.Tensor]:
+    """The `model.mm_projector.*` tensors of `sources`; refused when they hold no resampler query."""
+    is_projector = lambda name: name.startswith("model.mm_projector.")  # noqa: E731
+    projector = {k: v for path in sources for k, v in iter_tensors(path, keep=is_projector)}
+    if "model.mm_projector.query" not in projector:
+        hint = " (a stage-1 folder: pass the LLM as --text-model)" if (original / STAGE1_PROJECTOR).is_file() else ""
+        raise ConversionError(
+            f"No `model.mm_projector.*` weights in {', '.join(p.name for p in sources)}: not a LLaVA-UHD "
+            f"checkpoint{hint}."
+        )
+    return projector
+
+
+def build_config(
+    original: dict, vision_folder: Path, projector: dict[str, torch.Tensor], resampler_num_heads: int | None
+) -> LlavaUhdConfig:
+    """The LLaVA-UHD config from the original's config.json, the CLIP folder's config and the projector's shapes;
+    `image_token_id` is set once the tokenizer is known (`fit_vocabulary`)."""
     text_config = text_config_from(original)
     spatial = original.get("mm_projector_type") == "adapt_spatial_resampler"
     try:
@@ -196,10 +235,16 @@ def build_config(original: dict, vision_folder: Path, projector: dict[str, torch
         text_config=text_config,
         projector_type="spatial_resampler" if spatial else "resampler",
         num_queries=projector["model.mm_projector.query"].shape[0],
-        resampler_num_heads=args.resampler_num_heads or max(default_heads, 1),
+        resampler_num_heads=resampler_num_heads or max(default_heads, 1),
         vision_feature_layer=original.get("mm_vision_select_layer", -2),
         image_token_id=0,  # set once the tokenizer has its <image> token
     )
+
+
+def tokenizer_folder(original: Path, text_folder: Path) -> Path:
+    """The original when it holds a tokenizer, else the LLM's folder."""
+    names = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+    return original if any((original / name).is_file() for name in names) else text_folder
 
 
 def prepare_tokenizer(source: str | Path):
@@ -219,6 +264,29 @@ def prepare_tokenizer(source: str | Path):
         tokenizer.add_special_tokens(added)
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def build_processor(tokenizer, num_queries: int, slice_separator_id: int, row_separator_id: int) -> LlavaUhdProcessor:
+    """The processor to save with the conversion; building it validates the separator ids against the tokenizer."""
+    try:
+        return LlavaUhdProcessor(
+            image_processor=LlavaUhdImageProcessor(),
+            tokenizer=tokenizer,
+            num_queries=num_queries,
+            slice_separator_id=slice_separator_id,
+            row_separator_id=row_separator_id,
+        )
+    except ValueError as error:
+        raise ConversionError(str(error)) from error
+
+
+def fit_vocabulary(config: LlavaUhdConfig, tokenizer, pad_vocab_to: int) -> None:
+    """Point `config` at the tokenizer's `<image>` and pad tokens, and make its vocabulary cover the tokenizer, rounded
+    up to a multiple of `pad_vocab_to` (never below the original's)."""
+    config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    vocab_size = -(-len(tokenizer) // pad_vocab_to) * pad_vocab_to
+    config.text_config.vocab_size = max(vocab_size, config.text_config.vocab_size)
+    config.text_config.pad_token_id = tokenizer.pad_token_id
 
 
 def grow_embedding(weight: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
@@ -285,6 +353,79 @@ def map_key(name: str) -> str | None:
         if pattern.match(name):
             return pattern.sub(replacement, name)
     return None
+
+
+def renamed_tensors(sources: list[Path], vision_files: list[Path]) -> Iterator[tuple[str, str | None, torch.Tensor]]:
+    """`(source key, new name, tensor)` for every tensor worth converting, one at a time with a progress bar over the
+    files; the new name is None where no rule maps the key, which is given as `file: key`."""
+    for path in tqdm(sources + vision_files, desc="Converting shards", unit="shard", disable=None):
+        for key, tensor in iter_tensors(path):
+            if path in vision_files:
+                if VISION_IGNORED.match(key):
+                    continue
+                pattern, replacement = VISION_RULE
+                name = pattern.sub(replacement, key) if pattern.match(key) else None
+            else:
+                if IGNORED_KEYS.search(key):
+                    continue
+                name = map_key(key)
+            yield f"{path.name}: {key}", name, tensor
+
+
+def write_weights(
+    folder: Path,
+    sources: list[Path],
+    vision_files: list[Path],
+    expected: dict[str, torch.Size],
+    vocab_size: int,
+    dtype: torch.dtype,
+    max_shard_size: float,
+) -> list[str]:
+    """Stream the renamed tensors into `dtype` shards of at most `max_shard_size` GiB in `folder`, the embeddings grown
+    to `vocab_size` rows, and return the shard names. Unmapped keys, shapes that differ from `expected` and keys it
+    names that no source holds are refused, listed."""
+    writer = ShardWriter(folder, int(max_shard_size * 2**30))
+    written, unmapped, mismatched = set(), [], []
+    for source_key, name, tensor in renamed_tensors(sources, vision_files):
+        if name is None:
+            unmapped.append(source_key)
+            continue
+        if name in EMBEDDING_KEYS:
+            tensor = grow_embedding(tensor.float(), vocab_size, seed=EMBEDDING_KEYS.index(name))
+        if name not in expected:
+            unmapped.append(name)
+        elif tuple(tensor.shape) != tuple(expected[name]):
+            mismatched.append(f"{name}: {tuple(tensor.shape)} != expected {tuple(expected[name])}")
+        elif name not in written:
+            written.add(name)
+            writer.add(name, tensor.to(dtype))
+    missing = sorted(set(expected) - written)
+    problems = [("unmapped keys", unmapped), ("shape mismatches", mismatched), ("missing keys", missing)]
+    if any(items for _, items in problems):
+        details = "; ".join(f"{len(items)} {what}: {', '.join(items[:20])}" for what, items in problems if items)
+        raise ConversionError(f"The checkpoint does not map onto LLaVA-UHD: {details}.")
+    return writer.finish()
+
+
+def write_folder_files(
+    folder: Path, config: LlavaUhdConfig, processor: LlavaUhdProcessor, original: str | Path, vision_tower: str | Path
+) -> None:
+    """Write everything beside the weights: config, modeling code, generation config, processor and model card
+    (`original` and `vision_tower` as `write_model_card` takes them)."""
+    config.save_pretrained(folder)
+    package = Path(modeling_llava_uhd.__file__).parent
+    for name in BUNDLE_FILES:
+        shutil.copyfile(package / name, folder / name)
+    tokenizer = processor.tokenizer
+    generation = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        suppress_tokens=[config.image_token_id],  # `generate` never emits `<image>`
+    )
+    generation.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    write_model_card(folder, config, original, vision_tower)
 
 
 def sibling_prefix(output: Path, kind: str) -> str:
@@ -452,125 +593,65 @@ def converted_files(folder: str | Path) -> list[str]:
     return sorted([*sizes, MANIFEST])
 
 
-def convert(args: argparse.Namespace) -> dict:
-    check_arguments(args)
-    original, original_repo = resolve(args.original, "--original")
-    vision_folder, vision_repo = resolve(args.vision_tower, "--vision-tower", ["*.json", "*.safetensors", "*.bin"])
+def convert(
+    original: str,
+    vision_tower: str,
+    output: str | Path,
+    *,
+    dtype: str = "bfloat16",
+    text_model: str | None = None,
+    slice_separator_id: int = REFERENCE_SLICE_SEPARATOR_ID,
+    row_separator_id: int = REFERENCE_ROW_SEPARATOR_ID,
+    resampler_num_heads: int | None = None,
+    pad_vocab_to: int = 64,
+    max_shard_size: float = 5.0,
+    overwrite: bool = False,
+) -> dict:
+    """Convert the `original` checkpoint and its CLIP `vision_tower` (local folders or Hub repo ids) into `output`, as
+    the command line does (its flags name the parameters); returns a summary of the conversion."""
+    check_arguments(pad_vocab_to, max_shard_size, resampler_num_heads)
+    original_folder, original_repo = resolve(original, "--original")
+    vision_folder, vision_repo = resolve(vision_tower, "--vision-tower", ["*.json", "*.safetensors", "*.bin"])
     # A stage-1 folder holds only `mm_projector.bin`; its LLM then comes from --text-model.
-    text_folder = resolve(args.text_model, "--text-model")[0] if args.text_model else original
-    output = Path(args.output).expanduser().resolve()
-    folders = {"--original": original, "--vision-tower": vision_folder, "--text-model": text_folder}
+    text_folder = resolve(text_model, "--text-model")[0] if text_model else original_folder
+    output = Path(output).expanduser().resolve()
+    folders = {"--original": original_folder, "--vision-tower": vision_folder, "--text-model": text_folder}
     tidy_siblings(output)
-    check_output(output, folders, args.overwrite)
-    config_path = original / "config.json"
-    if not config_path.is_file():
-        raise ConversionError(f"{original} has no config.json; expected an original LLaVA-UHD checkpoint folder.")
-    original_config = read_json(config_path)
+    check_output(output, folders, overwrite)
 
-    stage1 = original / STAGE1_PROJECTOR
-    if not args.text_model and stage1.is_file() and not any(original.glob("*.safetensors")):
-        if not [p for p in original.glob("*.bin") if p.name != STAGE1_PROJECTOR]:
-            raise ConversionError(f"{original} is a stage-1 folder ({STAGE1_PROJECTOR} only): pass the LLM as --text-model.")
-    sources = ([stage1] if args.text_model and stage1.is_file() else []) + weight_files(text_folder)
-    is_projector = lambda name: name.startswith("model.mm_projector.")  # noqa: E731
-    projector = {k: v for path in sources for k, v in iter_tensors(path, keep=is_projector)}
-    if "model.mm_projector.query" not in projector:
-        hint = " (a stage-1 folder: pass the LLM as --text-model)" if stage1.is_file() else ""
-        raise ConversionError(
-            f"No `model.mm_projector.*` weights in {', '.join(p.name for p in sources)}: not a LLaVA-UHD "
-            f"checkpoint{hint}."
-        )
-
-    config = build_config(original_config, vision_folder, projector, args)
-    has_tokenizer = any((original / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json", "tokenizer.model"))
-    tokenizer = prepare_tokenizer(original if has_tokenizer else text_folder)
-    config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    try:  # validates the separator ids against the tokenizer before any weight is written
-        processor = LlavaUhdProcessor(
-            image_processor=LlavaUhdImageProcessor(),
-            tokenizer=tokenizer,
-            num_queries=config.num_queries,
-            slice_separator_id=args.slice_separator_id,
-            row_separator_id=args.row_separator_id,
-        )
-    except ValueError as error:
-        raise ConversionError(str(error)) from error
-    vocab_size = -(-len(tokenizer) // args.pad_vocab_to) * args.pad_vocab_to
+    original_config = read_original_config(original_folder)
+    sources = model_sources(original_folder, text_folder, separate_llm=bool(text_model))
+    projector = load_projector(sources, original_folder)
+    config = build_config(original_config, vision_folder, projector, resampler_num_heads)
+    tokenizer = prepare_tokenizer(tokenizer_folder(original_folder, text_folder))
+    processor = build_processor(tokenizer, config.num_queries, slice_separator_id, row_separator_id)
     original_vocab = config.text_config.vocab_size
-    config.text_config.vocab_size = max(vocab_size, original_vocab)
-    config.text_config.pad_token_id = tokenizer.pad_token_id
-    dtype = getattr(torch, args.dtype)
-    config.dtype = args.dtype
-
+    fit_vocabulary(config, tokenizer, pad_vocab_to)
+    weights_dtype = getattr(torch, dtype)
+    config.dtype = dtype
     with torch.device("meta"):
         expected = {k: v.shape for k, v in LlavaUhdForConditionalGeneration(config).state_dict().items()}
 
     vision_files = weight_files(vision_folder)
     with staging_folder(output) as staging:
-        writer = ShardWriter(staging, int(args.max_shard_size * 2**30))
-        written, unmapped, mismatched = set(), [], []
-
-        def emit(name: str, tensor: torch.Tensor) -> None:
-            if name in EMBEDDING_KEYS:
-                tensor = grow_embedding(tensor.float(), config.text_config.vocab_size, seed=EMBEDDING_KEYS.index(name))
-            if name not in expected:
-                unmapped.append(name)
-            elif tuple(tensor.shape) != tuple(expected[name]):
-                mismatched.append(f"{name}: {tuple(tensor.shape)} != expected {tuple(expected[name])}")
-            elif name not in written:
-                written.add(name)
-                writer.add(name, tensor.to(dtype))
-
-        for path in tqdm(sources + vision_files, desc="Converting shards", unit="shard", disable=None):
-            for key, tensor in iter_tensors(path):
-                if path in vision_files:
-                    if VISION_IGNORED.match(key):
-                        continue
-                    pattern, replacement = VISION_RULE
-                    name = pattern.sub(replacement, key) if pattern.match(key) else None
-                else:
-                    if IGNORED_KEYS.search(key):
-                        continue
-                    name = map_key(key)
-                if name is None:
-                    unmapped.append(f"{path.name}: {key}")
-                else:
-                    emit(name, tensor)
-        missing = sorted(set(expected) - written)
-        problems = [("unmapped keys", unmapped), ("shape mismatches", mismatched), ("missing keys", missing)]
-        if any(items for _, items in problems):
-            details = "; ".join(f"{len(items)} {what}: {', '.join(items[:20])}" for what, items in problems if items)
-            raise ConversionError(f"The checkpoint does not map onto LLaVA-UHD: {details}.")
-        shards = writer.finish()
-
-        config.save_pretrained(staging)
-        package = Path(modeling_llava_uhd.__file__).parent
-        for name in BUNDLE_FILES:
-            shutil.copyfile(package / name, staging / name)
-        generation = GenerationConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            suppress_tokens=[config.image_token_id],  # `generate` never emits `<image>`
+        shards = write_weights(
+            staging, sources, vision_files, expected, config.text_config.vocab_size, weights_dtype, max_shard_size
         )
-        generation.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        write_model_card(staging, config, original_repo or original, vision_repo or vision_folder)
+        write_folder_files(staging, config, processor, original_repo or original_folder, vision_repo or vision_folder)
         write_manifest(staging)
         converted_files(staging)
-        check_output(output, folders, args.overwrite)  # again: the folder may have changed while we converted
+        check_output(output, folders, overwrite)  # again: the folder may have changed while we converted
         move_into_place(staging, output)
 
-    summary = {
+    return {
         "parameters": sum(int(torch.Size(s).numel()) for s in expected.values()),
-        "dtype": args.dtype,
+        "dtype": dtype,
         "projector_type": config.projector_type,
         "num_queries": config.num_queries,
         "vocab_size": f"{original_vocab} -> {config.text_config.vocab_size} (<image> = {config.image_token_id})",
         "shards": shards,
         "files": sorted(p.name for p in output.iterdir()),
     }
-    return summary
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -594,23 +675,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="folder to write the converted model to (new or empty)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier conversion in --output, once the new one has succeeded")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--text-model", help="LLM folder or Hub repo id, when --original is a stage-1 folder")
-    parser.add_argument("--slice-separator-id", type=int, default=REFERENCE_SLICE_SEPARATOR_ID)
-    parser.add_argument("--row-separator-id", type=int, default=REFERENCE_ROW_SEPARATOR_ID)
+    parser.add_argument("--slice-separator-id", type=int)
+    parser.add_argument("--row-separator-id", type=int)
     parser.add_argument("--resampler-num-heads", type=int, help="override the resampler's head count")
-    parser.add_argument("--pad-vocab-to", type=int, default=64, help="pad the vocabulary to a multiple of this")
-    parser.add_argument("--max-shard-size", type=float, default=5.0, help="output shard size in GiB")
+    parser.add_argument("--pad-vocab-to", type=int, help="pad the vocabulary to a multiple of this")
+    parser.add_argument("--max-shard-size", type=float, help="output shard size in GiB")
     parser.add_argument("--push-to-hub", metavar="ORG/NAME", help="then upload the conversion (see conversion.publish)")
     parser.add_argument("--public", action="store_true", help="create the Hub repo public (default: private)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
+    parser.set_defaults(**convert.__kwdefaults__)  # one home for the defaults: convert's signature
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        summary = convert(args)
+        if args.push_to_hub:
+            check_push_target(args.push_to_hub)
+        summary = convert(
+            args.original,
+            args.vision_tower,
+            args.output,
+            dtype=args.dtype,
+            text_model=args.text_model,
+            slice_separator_id=args.slice_separator_id,
+            row_separator_id=args.row_separator_id,
+            resampler_num_heads=args.resampler_num_heads,
+            pad_vocab_to=args.pad_vocab_to,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+        )
     except Exception as error:
         if args.debug:
             raise

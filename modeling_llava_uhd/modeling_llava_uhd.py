@@ -183,7 +183,8 @@ class LlavaUhdResampler(nn.Module):
         self.num_queries = config.num_queries
         self.spatial = config.projector_type == "spatial_resampler"
         self.query = nn.Parameter(torch.empty(self.num_queries, embed_dim))
-        self.register_buffer("pos_embed", sincos_position_table(embed_dim, math.isqrt(self.num_queries)))
+        table = sincos_position_table(embed_dim, math.isqrt(self.num_queries))
+        self.register_buffer("pos_embed", table.to(self.query.device))  # `meta` when built without weights
         self.kv_proj = nn.Linear(kv_dim, embed_dim, bias=False) if kv_dim != embed_dim else nn.Identity()
         self.attn = LlavaUhdResamplerAttention(embed_dim, config.resampler_num_heads)
         self.ln_q = nn.LayerNorm(embed_dim, eps=1e-6)

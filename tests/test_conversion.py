@@ -67,19 +67,21 @@ def write_original(folder: Path, projector_type: str = "spatial_resampler", shar
     return model
 
 
-def tiny_separators() -> list[str]:
+def separator_ids() -> dict[str, int]:
     """The tiny tokenizer's ',' and '\n' ids (the converter defaults to Vicuna's, outside a tiny vocabulary)."""
     tokenizer = make_tokenizer()
     comma, newline = (tokenizer.encode("a" + c, add_special_tokens=False)[-1] for c in ",\n")
-    return ["--slice-separator-id", str(comma), "--row-separator-id", str(newline)]
+    return {"slice_separator_id": comma, "row_separator_id": newline}
 
 
-def run_convert(tmp: Path, original: Path, output: str = "converted", *extra: str) -> Path:
-    args = build_parser().parse_args(
-        ["--original", str(original), "--vision-tower", str(original.parent / "clip"), "--output", str(tmp / output),
-         "--dtype", "float32", *tiny_separators(), *extra]
-    )
-    convert(args)
+def tiny_separators() -> list[str]:
+    """`separator_ids` as command-line arguments."""
+    ids = separator_ids()
+    return ["--slice-separator-id", str(ids["slice_separator_id"]), "--row-separator-id", str(ids["row_separator_id"])]
+
+
+def run_convert(tmp: Path, original: Path, output: str = "converted", **options) -> Path:
+    convert(str(original), str(original.parent / "clip"), tmp / output, dtype="float32", **separator_ids(), **options)
     return tmp / output
 
 
@@ -127,8 +129,8 @@ def test_convert_maps_every_weight(tmp_path, projector_type, fmt, llm):
 
 def test_conversion_is_deterministic_and_round_trips(tmp_path):
     write_original(tmp_path / "original")
-    first = run_convert(tmp_path, tmp_path / "original", "a", "--max-shard-size", "0.0001")
-    second = run_convert(tmp_path, tmp_path / "original", "b", "--max-shard-size", "0.0001")
+    first = run_convert(tmp_path, tmp_path / "original", "a", max_shard_size=0.0001)
+    second = run_convert(tmp_path, tmp_path / "original", "b", max_shard_size=0.0001)
     shards = sorted(p.name for p in first.glob("*.safetensors"))
     assert len(shards) > 1 and (first / "model.safetensors.index.json").is_file()
     for name in shards:
@@ -226,7 +228,7 @@ def test_stage1_projector_with_separate_llm(tmp_path):
     shard.unlink()
     with pytest.raises(ConversionError, match="stage-1 folder"):
         run_convert(tmp_path, tmp_path / "original", "x")
-    out = run_convert(tmp_path, tmp_path / "original", "converted", "--text-model", str(llm))
+    out = run_convert(tmp_path, tmp_path / "original", "converted", text_model=str(llm))
     converted = AutoModelForImageTextToText.from_pretrained(out)
     assert torch.equal(converted.model.resampler.query, source.model.resampler.query)
 

@@ -104,7 +104,7 @@ def test_foreign_files_are_never_deleted(source, tmp_path, capfd):
 def test_failed_rerun_keeps_the_earlier_conversion(source, tmp_path, capfd):
     """4 bad re-runs into a good conversion: no --overwrite, --pad-vocab-to 0, an unmapped key and a mis-shaped
     tensor found after the new shards were written. The earlier conversion survives byte for byte."""
-    out = run_convert(tmp_path, source, "out", "--max-shard-size", "0.0002")
+    out = run_convert(tmp_path, source, "out", max_shard_size=0.0002)
     before = contents(out)
     broken = tmp_path / "broken"
     shutil.copytree(source, broken)
@@ -178,7 +178,7 @@ def test_killed_conversion_leaves_no_half_written_output(source, tmp_path):
     with pytest.raises(ConversionError, match="not a finished conversion"):  # nor can it be published
         converted_files(tmp_path / staging)
 
-    run_convert(tmp_path, source, "out", "--overwrite")
+    run_convert(tmp_path, source, "out", overwrite=True)
     assert hidden_siblings(out) == [] and converted_files(out)
 
 
@@ -202,7 +202,7 @@ def test_publish_uploads_only_a_finished_conversion(source, tmp_path, monkeypatc
     """Only the files the conversion wrote are listed and uploaded, to a private repo unless --public. 7 bad inputs:
     no manifest (an interrupted or foreign folder), a missing shard, a truncated shard, a damaged shard of the same
     size, an unreadable config.json, a missing folder, a bad repo id."""
-    good = run_convert(tmp_path, source, "good", "--max-shard-size", "0.0002")
+    good = run_convert(tmp_path, source, "good", max_shard_size=0.0002)
     written = sorted(p.name for p in good.iterdir())
     for name, data in {".env": b"HF_TOKEN=secret", "notes.txt": b"todo", "pytorch_model.bin": b"stale"}.items():
         (good / name).write_bytes(data)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from skimage import data
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from conversion.convert_llava_uhd import build_parser, convert
+from conversion.convert_llava_uhd import convert
 
 FIXTURE = Path(__file__).parent / "fixtures" / "original"
 EXPECTED = load_file(FIXTURE / "expected.safetensors")
@@ -24,12 +24,8 @@ QUESTION = "What is on the table?"
 def converted(tmp_path_factory) -> tuple:
     output = tmp_path_factory.mktemp("converted")
     separators = FACTS["separator_ids"]
-    args = build_parser().parse_args(
-        ["--original", str(FIXTURE / "llava"), "--vision-tower", str(FIXTURE / "clip"), "--output", str(output),
-         "--dtype", "float32", "--slice-separator-id", str(separators["comma"]),
-         "--row-separator-id", str(separators["newline"])]
-    )
-    convert(args)
+    convert(str(FIXTURE / "llava"), str(FIXTURE / "clip"), output, dtype="float32",
+            slice_separator_id=separators["comma"], row_separator_id=separators["newline"])
     model = AutoModelForImageTextToText.from_pretrained(output, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(output, trust_remote_code=True)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
@@ -85,10 +81,8 @@ def converted_vicuna(tmp_path_factory) -> tuple:
     for item in (VICUNA.parent / "vicuna_tokenizer").iterdir():
         shutil.copy(item, original / item.name)
     output = tmp_path_factory.mktemp("converted-vicuna")
-    convert(build_parser().parse_args(
-        ["--original", str(original), "--vision-tower", str(FIXTURE / "clip"), "--output", str(output),
-         "--dtype", "float32"]
-    ))  # the separators are the converter's defaults, Vicuna's ',' (29892) and '\n' (13)
+    # The separators are the converter's defaults, Vicuna's ',' (29892) and '\n' (13).
+    convert(str(original), str(FIXTURE / "clip"), output, dtype="float32")
     model = AutoModelForImageTextToText.from_pretrained(output, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(output, trust_remote_code=True)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": VICUNA_FACTS["question"]}]}]
