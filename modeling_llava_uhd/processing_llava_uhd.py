@@ -1,6 +1,7 @@
 """Processor for LLaVA-UHD: tokenizer + image processor + Vicuna v1 chat template."""
 
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_utils import ImageInput
 from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin
 
 from .image_processing_llava_uhd import LlavaUhdImageProcessorKwargs
@@ -122,7 +123,9 @@ class LlavaUhdProcessor(ProcessorMixin):
                 ids += crop + [self.slice_separator_id if col < cols - 1 else self.row_separator_id]
         return ids + crop
 
-    def __call__(self, images=None, text: str | list[str] | None = None, **kwargs) -> BatchFeature:
+    def __call__(
+        self, images: ImageInput | list[ImageInput] | None = None, text: str | list[str] | None = None, **kwargs
+    ) -> BatchFeature:
         """Tokenize `text`, slice `images` and expand each `<image>` of the text into its schema tokens.
 
         Images are matched to `<image>` placeholders in order: either a flat list over the whole batch, or one list per
