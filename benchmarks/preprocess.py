@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from modeling_llava_uhd import LlavaUhdImageProcessor
+from modeling_llava_uhd.modeling_llava_uhd import images_from_patches
 
 from .common import machine, median_seconds, parse_size, photos, print_table, transformers_class
 
@@ -81,10 +82,7 @@ def crops_of(output, patch: int) -> list[torch.Tensor]:
     """Our packed `pixel_values` back into `[3, h, w]` crops."""
     grid = output["image_grid_hw"].tolist()
     chunks = output["pixel_values"].split([h * w for h, w in grid])
-    return [
-        c.view(h, w, 3, patch, patch).permute(2, 0, 3, 1, 4).reshape(3, h * patch, w * patch)
-        for c, (h, w) in zip(chunks, grid)
-    ]
+    return [images_from_patches(c[None], h, w, patch)[0] for c, (h, w) in zip(chunks, grid)]
 
 
 def anchors() -> dict[str, object]:

@@ -421,7 +421,6 @@ def write_folder_files(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        suppress_tokens=[config.image_token_id],  # `generate` never emits `<image>`
     )
     generation.save_pretrained(folder)
     processor.save_pretrained(folder)

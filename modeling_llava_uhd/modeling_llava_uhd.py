@@ -13,6 +13,7 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
@@ -82,7 +83,9 @@ def _bilinear_axis_weights(coords: torch.Tensor, length: int) -> torch.Tensor:
     low = torch.where(at_edge, torch.full_like(low, length - 1), low)
     high = torch.where(at_edge, low, low + 1)
     frac = torch.where(at_edge, torch.zeros_like(coords), coords - low.float())
-    weights = F.one_hot(low, length).float() * (1.0 - frac)[..., None] + F.one_hot(high, length).float() * frac[..., None]
+    weights = (
+        F.one_hot(low, length).float() * (1.0 - frac)[..., None] + F.one_hot(high, length).float() * frac[..., None]
+    )
     return weights * valid[..., None]
 
 
@@ -134,16 +137,46 @@ def best_pooling_size(height: int, width: int) -> tuple[int, int]:
     return best
 
 
+def images_from_patches(patches: torch.Tensor, height: int, width: int, patch: int) -> torch.Tensor:
+    """Same-shape crops as `LlavaUhdImageProcessor` packs them, `[crops, height * width, 3 * patch * patch]` (patches
+    row-major, each channel-first), back to images `[crops, 3, height * patch, width * patch]`."""
+    images = patches.view(len(patches), height, width, 3, patch, patch).permute(0, 3, 1, 4, 2, 5)
+    return images.reshape(len(patches), 3, height * patch, width * patch)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention, `[batch, heads, positions, head_dim]` in, `[batch, positions, heads, head_dim]` out."""
+    weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
 class LlavaUhdResamplerAttention(nn.Module):
     """The resampler's cross-attention: `nn.MultiheadAttention`'s parameters (packed `in_proj_weight` and
     `in_proj_bias`, `out_proj`) and math, with the queries projected once for all crops and the keys and values
     projected before an optional linear reduction (the spatial resampler's RoI pooling), which is then applied to
     `h * w` projected positions instead of projecting `num_queries * pooled` pooled ones. The biases are added after
-    the reduction, so the map is the same."""
+    the reduction, so the map is the same. The attention itself is the model's `attn_implementation`."""
 
-    def __init__(self, embed_dim: int, num_heads: int):
+    def __init__(self, config: LlavaUhdConfig):
         super().__init__()
-        self.num_heads = num_heads
+        embed_dim = config.text_config.hidden_size
+        self.config = config
+        self.num_heads = config.resampler_num_heads
+        self.scaling = 1 / math.sqrt(embed_dim // self.num_heads)  # SDPA's default, exactly
+        self.is_causal = False
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
         self.out_proj = nn.Linear(embed_dim, embed_dim)
@@ -154,19 +187,20 @@ class LlavaUhdResamplerAttention(nn.Module):
         query k attends only to the pooled positions of its window k; without it, to all positions."""
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        query = F.linear(queries, w_q, b_q)
+        crops, num_queries = len(keys), len(queries)
+        query = F.linear(queries, w_q, b_q).expand(crops, -1, -1)
         key, value = F.linear(keys, w_k), F.linear(values, w_v)
-        if pool is not None:
-            query, key, value = query[:, None], pool(key), pool(value)
+        if pool is not None:  # one attention per (crop, window): its query against its pooled positions
+            query = query.reshape(crops * num_queries, 1, -1)
+            key, value = pool(key).flatten(0, 1), pool(value).flatten(0, 1)
+        key, value = key + b_k, value + b_v
 
-        def split_heads(x: torch.Tensor) -> torch.Tensor:  # [..., positions, dim] -> [..., heads, positions, head_dim]
-            return x.unflatten(-1, (self.num_heads, -1)).transpose(-3, -2)
+        def split_heads(x: torch.Tensor) -> torch.Tensor:  # [batch, positions, dim] -> [batch, heads, positions, -1]
+            return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
-        crops, query = len(keys), split_heads(query)
-        out = F.scaled_dot_product_attention(
-            query.expand(crops, *query.shape), split_heads(key + b_k), split_heads(value + b_v)
-        )
-        return self.out_proj(out.transpose(-3, -2).reshape(crops, len(queries), -1))
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, _ = attention(self, split_heads(query), split_heads(key), split_heads(value), None, scaling=self.scaling)
+        return self.out_proj(out.reshape(crops, num_queries, -1))
 
 
 class LlavaUhdResampler(nn.Module):
@@ -186,7 +220,7 @@ class LlavaUhdResampler(nn.Module):
         table = sincos_position_table(embed_dim, math.isqrt(self.num_queries))
         self.register_buffer("pos_embed", table.to(self.query.device))  # `meta` when built without weights
         self.kv_proj = nn.Linear(kv_dim, embed_dim, bias=False) if kv_dim != embed_dim else nn.Identity()
-        self.attn = LlavaUhdResamplerAttention(embed_dim, config.resampler_num_heads)
+        self.attn = LlavaUhdResamplerAttention(config)
         self.ln_q = nn.LayerNorm(embed_dim, eps=1e-6)
         self.ln_kv = nn.LayerNorm(embed_dim, eps=1e-6)
         self.ln_post = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -336,8 +370,7 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
                 wanted.append(name)
         tokens, per_crop = None, {name: [None] * len(grid_hw) for name in wanted}
         for (height, width), indices in groups.items():
-            images = torch.stack([crops[i] for i in indices]).view(len(indices), height, width, 3, patch, patch)
-            images = images.permute(0, 3, 1, 4, 2, 5).reshape(len(indices), 3, height * patch, width * patch)
+            images = images_from_patches(torch.stack([crops[i] for i in indices]), height, width, patch)
             outputs = self.vision_tower(
                 pixel_values=images,
                 interpolate_pos_encoding=True,
@@ -449,8 +482,6 @@ class LlavaUhdForConditionalGeneration(LlavaUhdPreTrainedModel, GenerationMixin)
         self.model = LlavaUhdModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
-        if self.generation_config is not None:  # saved with the model: `generate` never emits `<image>`
-            self.generation_config.suppress_tokens = [config.image_token_id]
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()

@@ -11,9 +11,12 @@ from .image_processing_llava_uhd import LlavaUhdImageProcessorKwargs
 # it ends its turn (the reference's "<image>\n" + question, and "<image>" alone). `{% generation %}` marks what the
 # assistant says, so `return_assistant_tokens_mask` (and TRL's `assistant_only_loss`) covers exactly the answers and
 # their `</s>`.
+SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
 CHAT_TEMPLATE = (
-    "{%- set system = \"A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions.\" -%}"
+    f'{{%- set system = "{SYSTEM_PROMPT}" -%}}'
     "{%- macro render(content) -%}"
     "{%- if content is string -%}{{ content }}"
     "{%- else -%}{%- for item in content -%}"
@@ -40,6 +43,19 @@ CHAT_TEMPLATE = (
 class UnusableSampleError(ValueError):
     """A sample the processor cannot turn into model inputs: its images do not match its `<image>` placeholders, or
     `max_length` would cut through its image tokens. The message names the sample."""
+
+
+def schema_ids(
+    rows: int, cols: int, num_queries: int, image_token_id: int, slice_separator_id: int, row_separator_id: int
+) -> list[int]:
+    """The spatial schema of a `rows x cols` slice grid (0 x 0: unsliced): each row's slices as `num_queries` image
+    tokens followed by the slice separator (the row separator after the row's last slice), then the overview."""
+    crop = [image_token_id] * num_queries
+    ids = []
+    for _ in range(rows):
+        for col in range(cols):
+            ids += crop + [slice_separator_id if col < cols - 1 else row_separator_id]
+    return ids + crop
 
 
 class LlavaUhdProcessorKwargs(ProcessingKwargs, total=False):
@@ -111,17 +127,16 @@ class LlavaUhdProcessor(ProcessorMixin):
         self.row_separator_id = _char_id(tokenizer, "\n") if row_separator_id is None else row_separator_id
         for name in ("slice_separator_id", "row_separator_id"):
             if not 0 <= getattr(self, name) < len(tokenizer):
-                raise ValueError(f"`{name}` {getattr(self, name)} is not an id of this {len(tokenizer)}-token tokenizer.")
+                raise ValueError(
+                    f"`{name}` {getattr(self, name)} is not an id of this {len(tokenizer)}-token tokenizer."
+                )
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
 
     def schema_ids(self, rows: int, cols: int) -> list[int]:
-        """Token ids one image stands for in the sequence: its schema for a `rows x cols` slice grid (0 x 0: unsliced)."""
-        crop = [self.image_token_id] * self.num_queries
-        ids = []
-        for _ in range(rows):
-            for col in range(cols):
-                ids += crop + [self.slice_separator_id if col < cols - 1 else self.row_separator_id]
-        return ids + crop
+        """Token ids one image stands for in the sequence (see `schema_ids`)."""
+        return schema_ids(
+            rows, cols, self.num_queries, self.image_token_id, self.slice_separator_id, self.row_separator_id
+        )
 
     def __call__(
         self, images: ImageInput | list[ImageInput] | None = None, text: str | list[str] | None = None, **kwargs
@@ -200,7 +215,10 @@ class LlavaUhdProcessor(ProcessorMixin):
             # placeholder keeps its span.
             token = self.image_token
             data["text_replacement_offsets"] = [
-                [{"type": "image", "span": span, "new_span": span, "text": token, "replacement": token} for span in spans]
+                [
+                    {"type": "image", "span": span, "new_span": span, "text": token, "replacement": token}
+                    for span in spans
+                ]
                 for spans in placeholders
             ]
         if not flags["return_mm_token_type_ids"]:
@@ -341,7 +359,9 @@ class LlavaUhdProcessor(ProcessorMixin):
         elif padding in (False, None, "do_not_pad"):
             target = None
         else:
-            raise ValueError(f"`padding` must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}.")
+            raise ValueError(
+                f"`padding` must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}."
+            )
         if target is not None and pad_to_multiple_of:
             target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
         side = padding_side or getattr(self.tokenizer, "padding_side", "right")

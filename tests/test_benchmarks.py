@@ -22,7 +22,7 @@ def test_vision_runs_and_agrees():
     seconds = vision.main(
         ["--config", "tiny", "--images", "1", "--iterations", "1", "--device", "cpu", "--threads", "1"]
     )
-    assert len(seconds) == 3
+    assert len(seconds) == 4
 
 
 def test_flops_table_counts():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from tiny import make_model, make_processor, photo
-from transformers import GenerationConfig, GenerationMixin
+from transformers import GenerationMixin
 
 from modeling_llava_uhd import LlavaUhdConfig, LlavaUhdForConditionalGeneration
 from modeling_llava_uhd.modeling_llava_uhd import CACHE_NAME
@@ -219,7 +219,6 @@ def test_generation_never_emits_the_image_or_pad_token(processor, decoding):
     inputs = _inputs(processor, [photo("coffee", (300, 200))])
     with torch.no_grad():
         assert model(**inputs).logits[0, -1].topk(2).indices.tolist() == [image_id, pad_id]
-    model.generation_config.suppress_tokens = None  # a folder saved before `generate` suppressed anything
     unsuppressed = GenerationMixin.generate(model, **inputs, max_new_tokens=3, do_sample=False)  # what it did before
     assert unsuppressed[0, inputs["input_ids"].shape[1]] == image_id
 
@@ -227,13 +226,6 @@ def test_generation_never_emits_the_image_or_pad_token(processor, decoding):
     out = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, **decoding)
     new = out[0, inputs["input_ids"].shape[1] :].tolist()
     assert len(new) == 5 and image_id not in new and pad_id not in new
-
-
-def test_saved_generation_config_suppresses_the_image_token(tmp_path):
-    model = make_model()
-    model.save_pretrained(tmp_path)
-    saved = GenerationConfig.from_pretrained(tmp_path)
-    assert saved.suppress_tokens == [model.config.image_token_id]
 
 
 def test_a_sequence_past_the_position_limit_warns(processor, caplog):
@@ -313,7 +305,9 @@ def test_image_features_follow_the_configs_output_flags(processor):
     assert plain.hidden_states is None
 
 
-@pytest.mark.skipif(CACHE_NAME != "cache", reason="`past_key_values` is the cache's only name before transformers 5.24")
+@pytest.mark.skipif(
+    CACHE_NAME != "cache", reason="`past_key_values` is the cache's only name before transformers 5.24"
+)
 def test_past_key_values_is_deprecated_where_transformers_deprecates_it(processor):
     model = make_model()
     inputs = _inputs(processor, [photo("coffee", (300, 200))])

@@ -4,6 +4,7 @@ import pytest
 import torch
 from tiny import make_model, make_processor, photo
 
+from modeling_llava_uhd import modeling_llava_uhd as modeling
 from modeling_llava_uhd.modeling_llava_uhd import (
     LlavaUhdResamplerAttention,
     best_pooling_size,
@@ -94,18 +95,39 @@ def test_separable_window_pooling_is_roi_align(height, width):
     torch.testing.assert_close(pooled.flatten(1, 2), dense, atol=1e-6, rtol=1e-6)
 
 
-def test_resampler_attention_is_multihead_attention():
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_resampler_attention_is_multihead_attention(implementation):
+    config = make_model().config
+    config._attn_implementation = implementation
+    dim, heads = config.text_config.hidden_size, config.resampler_num_heads
     torch.manual_seed(0)
-    ours, torch_attention = LlavaUhdResamplerAttention(16, 4), torch.nn.MultiheadAttention(16, 4)
+    ours, torch_attention = LlavaUhdResamplerAttention(config), torch.nn.MultiheadAttention(dim, heads)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {
         k: v.shape for k, v in torch_attention.state_dict().items()
     }
     ours.load_state_dict(torch_attention.state_dict())
-    queries, keys, values = torch.randn(5, 16), torch.randn(3, 7, 16), torch.randn(3, 7, 16)
+    queries, keys, values = torch.randn(5, dim), torch.randn(3, 7, dim), torch.randn(3, 7, dim)
     expected = torch_attention(
         queries[:, None].expand(-1, 3, -1), keys.transpose(0, 1), values.transpose(0, 1), need_weights=False
     )[0]
     torch.testing.assert_close(ours(queries, keys, values), expected.transpose(0, 1), atol=1e-6, rtol=1e-5)
+
+
+def test_set_attn_implementation_reaches_the_resampler(inputs, monkeypatch):
+    """`set_attn_implementation` switches the resampler's attention too (it reads the model's setting per call), and
+    the eager and SDPA paths give the same features."""
+    model = make_model()
+    sdpa = features(model, inputs)
+    calls, original = [], modeling.eager_attention_forward
+
+    def eager(module, *args, **kwargs):
+        calls.append(type(module).__name__)
+        return original(module, *args, **kwargs)
+
+    monkeypatch.setattr(modeling, "eager_attention_forward", eager)
+    model.set_attn_implementation("eager")
+    torch.testing.assert_close(features(model, inputs), sdpa, atol=1e-5, rtol=1e-5)
+    assert "LlavaUhdResamplerAttention" in calls
 
 
 def test_constants_from_inference_mode_are_not_reused_by_autograd(inputs):

@@ -31,6 +31,7 @@ from transformers import (
 
 from modeling_llava_uhd import BUNDLE_FILES
 from modeling_llava_uhd.default_model import WEIGHTS
+from modeling_llava_uhd.processing_llava_uhd import SYSTEM_PROMPT
 from processing.detail_task import PATTERNS, make_sample, vocabulary_corpus, write_images, write_rows
 
 from .sft import main as sft_main
@@ -42,17 +43,13 @@ RUNS = {"slices": None, "overview": 1}
 SPLIT_SIZES = {"train": 2000, "test": 300}
 SHARDS = 2  # processes writing the data
 SUBSET = 48  # test images the shipped model's test re-evaluates
-SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
 
 
 def build_start(folder: Path, seed: int = 0) -> None:
     """A fresh tiny CLIP ViT (patch 14, 24 x 24 positions) in `folder/vision` and a fresh tiny Llama with a tokenizer
     trained on the task's texts in `folder/text`: what `vision_model` and `text_model` of the configs point at."""
     turns = [f"USER: <image>\n{text} ASSISTANT: {text}</s>" for text in vocabulary_corpus()]
-    tokenizer = train_tokenizer([SYSTEM, *turns] * 8, vocab_size=512)
+    tokenizer = train_tokenizer([SYSTEM_PROMPT, *turns] * 8, vocab_size=512)
     torch.manual_seed(seed)
     vision = CLIPVisionModel(
         CLIPVisionConfig(

@@ -58,7 +58,6 @@ def build_model(
     model.model.resampler = resampler.to(vision.dtype)
     model.generation_config = text.generation_config
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.suppress_tokens = [config.image_token_id]  # as `LlavaUhdForConditionalGeneration` sets it
     if len(tokenizer) > config.text_config.vocab_size:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=PAD_VOCAB_TO)
     processor = LlavaUhdProcessor(
