@@ -264,6 +264,13 @@ def test_truncation():
         PROCESSOR(images=images, text=texts, truncation=True, max_length=12)
     with pytest.raises(ValueError, match=r"^Sample 1: truncating"):
         PROCESSOR(images=images, text=texts[::-1], truncation=True, max_length=12)
+    # At the exact boundary: the schema's last token (the overview's second image token) kept, or refused.
+    schema_end = full[0].index(I) + len(SCHEMAS[(1, 3)])
+    assert full[0][schema_end - 1] == I and full[0][schema_end] != I
+    out = PROCESSOR(images=images, text=texts, truncation=True, max_length=schema_end)
+    assert out["input_ids"][0] == full[0][:schema_end]
+    with pytest.raises(ValueError, match=rf"^Sample 0: truncating .* to max_length={schema_end - 1} would cut"):
+        PROCESSOR(images=images, text=texts, truncation=True, max_length=schema_end - 1)
 
     left = make_processor(num_queries=2, max_image_size=None)
     left.tokenizer.truncation_side = "left"
