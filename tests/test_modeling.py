@@ -292,6 +292,14 @@ def test_assisted_generation_equals_greedy(processor):
     assert torch.equal(assisted, greedy)
 
 
+@pytest.mark.parametrize("hidden_size, heads", [(5120, 40), (4096, 32), (256, 2), (128, 1), (64, 1)])
+def test_resampler_heads_default_to_one_per_128_channels(hidden_size, heads):
+    """REFERENCE.md: the resampler has D // 128 heads (40 for Vicuna-13B's 5120); a narrower LLM gets one."""
+    text = {"model_type": "llama", "hidden_size": hidden_size, "num_attention_heads": 1}
+    assert LlavaUhdConfig(text_config=text).resampler_num_heads == heads
+    assert LlavaUhdConfig(text_config=text, resampler_num_heads=1).resampler_num_heads == 1  # an explicit count wins
+
+
 def test_resampler_positions_are_set_at_construction():
     from modeling_llava_uhd.modeling_llava_uhd import LlavaUhdResampler, sincos_position_table
 
