@@ -85,6 +85,24 @@ def test_a_damaged_cache_is_rewritten_and_answers_correctly(damage, capsys, monk
     assert [path.name for path in tmp_path.iterdir()] == [folder.name]  # rewritten in place, staging removed
 
 
+def test_a_changed_shipped_file_gets_a_folder_of_its_own(tmp_path, monkeypatch, caplog):
+    """The folder name follows the contents: a new release (same file names, one more byte in `config.json`) is
+    assembled in a new folder, not taken for a damaged copy of the old one, which stays as it was."""
+    old = default_model_path(tmp_path / "cache")
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    for path in WEIGHTS.iterdir():
+        (shipped / path.name).symlink_to(path)
+    changed = (WEIGHTS / "config.json").read_bytes() + b"\n"
+    (shipped / "config.json").unlink()
+    (shipped / "config.json").write_bytes(changed)
+    monkeypatch.setattr(default_model_module, "WEIGHTS", shipped)
+    new = default_model_path(tmp_path / "cache")
+    assert new != old and (new / "config.json").read_bytes() == changed
+    assert (old / "config.json").read_bytes() == (WEIGHTS / "config.json").read_bytes()
+    assert "rewrote damaged files" not in caplog.text
+
+
 @pytest.mark.parametrize("value", ["", "  "])
 def test_an_empty_cache_variable_means_the_default_location(value, monkeypatch, tmp_path):
     """2 bad inputs: LLAVA_UHD_CACHE empty or blank is unset (not the current folder); `cache_dir=""` is refused."""
