@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset, Features, Image, List, Value
 from llava_data import draw, write_llava_dataset
 from PIL import Image as PILImage
-from tiny import make_model, make_processor
+from tiny import make_model, make_processor, spatial_schema
 
 from processing import BadRowError, convert_llava_row, load_llava_dataset, load_messages_dataset, make_collator
 from processing.collator import training_chat_template
@@ -43,7 +43,7 @@ def image_ids(collator, image_path: str) -> list[int]:
     processor = collator.collator.processor
     width, height = PILImage.open(image_path).size
     grid = processor.image_processor.get_slice_layout(height, width).grid or (0, 0)
-    return processor.schema_ids(*grid)
+    return spatial_schema(processor, *grid)
 
 
 def check_batch_row(batch, index: int, pieces: list[tuple[list[int], bool]]) -> None:
@@ -157,7 +157,7 @@ def test_plain_format_is_image_then_caption_overview_only(dataset, processor):
     by_id = {row["id"]: row for row in dataset}
     batch = collator([by_id["img-1"], by_id["img-2"]])
     assert batch["slice_grid"].tolist() == [[0, 0], [0, 0]]  # 700x400 too: overview only
-    image = processor.schema_ids(0, 0)
+    image = [processor.image_token_id] * 16  # the overview's 16 queries, no separator
     bos = processor.tokenizer.bos_token_id
     check_batch_row(batch, 0, [([bos], False), (image, False), (tokens(processor, "A green circle.\n"), True)])
     check_batch_row(batch, 1, [([bos], False), (image, False), (tokens(processor, "A blue square.\n"), True)])
