@@ -156,8 +156,11 @@ def test_tokenizer_gets_image_and_pad_tokens(tmp_path):
     plain.save_pretrained(tmp_path / "original")
     out = run_convert(tmp_path, tmp_path / "original")
     processor = AutoProcessor.from_pretrained(out)
-    assert processor.tokenizer.pad_token is not None
+    tokenizer = processor.tokenizer
+    assert tokenizer.pad_token == "<pad>" and tokenizer.padding_side == "left"  # batched generation pads on the left
     config = json.loads((out / "config.json").read_text())
+    assert config["text_config"]["pad_token_id"] == tokenizer.pad_token_id
+    assert len({tokenizer.pad_token_id, config["image_token_id"], tokenizer.eos_token_id}) == 3
     assert config["image_token_id"] == processor.tokenizer.convert_tokens_to_ids("<image>")
     assert config["text_config"]["vocab_size"] % 64 == 0 and config["text_config"]["vocab_size"] >= len(processor.tokenizer)
 
