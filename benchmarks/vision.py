@@ -145,7 +145,8 @@ def stopped_at_feature_layer(model, pixel_values: torch.Tensor, image_grid_hw: t
     return torch.stack(tokens)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Prints the table; returns each path's `seconds` (median) and `difference` (max abs difference to ours)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
     parser.add_argument("--projector", choices=["spatial_resampler", "resampler"], default="spatial_resampler")
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         ["path", "crops / s", "speed vs per-crop loop", "max abs difference to ours"],
         [[name, f"{crops / t:.1f}", f"{anchor / t:.2f}x", f"{differences[name]:.1e}"] for name, t in seconds.items()],
     )
-    return seconds
+    return {name: {"seconds": t, "difference": differences[name]} for name, t in seconds.items()}
 
 
 if __name__ == "__main__":

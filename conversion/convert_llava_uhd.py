@@ -262,7 +262,7 @@ def prepare_tokenizer(source: str | Path):
         added["pad_token"] = "<pad>"
     if added:
         tokenizer.add_special_tokens(added)
-    tokenizer.padding_side = "left"
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"  # `save_pretrained` writes init_kwargs
     return tokenizer
 
 

@@ -7,6 +7,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 from datasets import Dataset
 from jinja2.exceptions import TemplateError, TemplateSyntaxError
 from PIL import Image
@@ -73,8 +74,8 @@ class LlavaUhdDataCollator:
     `max_length`, placeholders that do not match its images, no supervised token left: every label -100, e.g. its
     answer truncated away by `max_length`) raises a [`BadRowError`] naming it (`on_bad_row="error"`), or is replaced
     by a random usable row of `dataset` with a warning that counts the replacements of this worker (`"skip"`), so the
-    batch keeps its size and training its course (and its loss a number). Labels are -100 on image tokens whatever
-    the loss mode.
+    batch keeps its size and training its course (and its loss a number). Labels are -100 on every image's schema (its
+    image tokens and separators, as the reference labels all of an image's features) whatever the loss mode.
 
     Args:
         collator: TRL's collator, built with the processor and chat template of the training stage.
@@ -118,8 +119,22 @@ class LlavaUhdDataCollator:
 
     def _collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.collator(rows)
-        batch["labels"][batch["input_ids"] == self.collator.processor.image_token_id] = IGNORE_INDEX
+        batch["labels"][self._schemas(batch)] = IGNORE_INDEX
         return batch
+
+    def _schemas(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Where the images' schemas lie in `batch` (image tokens and the separators between them): each image's from
+        its first image token on, as long as its slice grid makes it (images in order, as `slice_grid` lists them)."""
+        processor = self.collator.processor
+        image = batch["input_ids"] == processor.image_token_id
+        mask, grids = image.clone(), iter(batch.get("slice_grid", torch.empty(0, 2)).tolist())
+        for row, positions in enumerate(image):
+            end = 0
+            for start in positions.nonzero().flatten().tolist():
+                if start >= end:  # the first image token of the next image
+                    end = start + len(processor.schema_ids(*next(grids)))
+                    mask[row, start:end] = True
+        return mask
 
     @staticmethod
     def _supervised(batch: dict[str, Any]) -> list[bool]:

@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 from tiny import make_model, make_processor
 
+from modeling_llava_uhd import LlavaUhdForConditionalGeneration, LlavaUhdProcessor
 from modeling_llava_uhd.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,7 +17,7 @@ EXAMPLE = ROOT / "examples" / "coffee.jpg"
 def _setup_commands() -> list[str]:
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Set-up", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```bash\n(.+?)\n```", section, flags=re.S)
+    return re.findall(r"```bash\n(.+?)\n```", section, flags=re.DOTALL)
 
 
 def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
@@ -64,5 +65,13 @@ def test_chat_answers_with_a_saved_model_without_running_its_code(tmp_path, caps
         ["chat", "--model", str(folder), "--image", str(EXAMPLE), "--prompt", "What is it?", "--max-new-tokens", "3"]
     )
     assert code == 0
-    assert capsys.readouterr().out.strip() != ""
+    answer = capsys.readouterr().out
     assert not marker.exists()
+    # The answer is the model's greedy continuation of the chat prompt, decoded.
+    model = LlavaUhdForConditionalGeneration.from_pretrained(folder).eval()
+    processor = LlavaUhdProcessor.from_pretrained(folder)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=Image.open(EXAMPLE), text=prompt, return_tensors="pt")
+    new_tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    assert answer == processor.decode(new_tokens, skip_special_tokens=True).strip() + "\n" != "\n"

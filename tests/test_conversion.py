@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tiny import make_model, make_tokenizer, photo
 from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPConfig, CLIPModel
 
@@ -156,8 +156,11 @@ def test_tokenizer_gets_image_and_pad_tokens(tmp_path):
     plain.save_pretrained(tmp_path / "original")
     out = run_convert(tmp_path, tmp_path / "original")
     processor = AutoProcessor.from_pretrained(out)
-    assert processor.tokenizer.pad_token is not None
+    tokenizer = processor.tokenizer
+    assert tokenizer.pad_token == "<pad>" and tokenizer.padding_side == "left"  # batched generation pads on the left
     config = json.loads((out / "config.json").read_text())
+    assert config["text_config"]["pad_token_id"] == tokenizer.pad_token_id
+    assert len({tokenizer.pad_token_id, config["image_token_id"], tokenizer.eos_token_id}) == 3
     assert config["image_token_id"] == processor.tokenizer.convert_tokens_to_ids("<image>")
     assert config["text_config"]["vocab_size"] % 64 == 0 and config["text_config"]["vocab_size"] >= len(processor.tokenizer)
 
@@ -246,7 +249,9 @@ def test_publish_dry_run_lists_files(tmp_path, capsys):
 
 
 def test_cli_entry_point_prints_summary(tmp_path):
-    write_original(tmp_path / "original")
+    """`--dtype bfloat16`: the shards hold bfloat16 tensors, the original's values rounded (`from_pretrained` would
+    cast float32 shards on load and hide an uncast file)."""
+    original = write_original(tmp_path / "original").state_dict()
     result = subprocess.run(
         [sys.executable, "-m", "conversion.convert_llava_uhd", "--original", str(tmp_path / "original"),
          "--vision-tower", str(tmp_path / "clip"), "--output", str(tmp_path / "out"), "--dtype", "bfloat16",
@@ -257,6 +262,14 @@ def test_cli_entry_point_prints_summary(tmp_path):
     assert "parameters" in result.stdout and "bfloat16" in result.stdout
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
     assert model.dtype == torch.bfloat16
+    stored = {}
+    for shard in (tmp_path / "out").glob("*.safetensors"):
+        stored |= load_file(shard)
+    assert {tensor.dtype for tensor in stored.values()} == {torch.bfloat16}
+    unchanged = [name for name, tensor in stored.items() if original[name].shape == tensor.shape]  # not grown rows
+    assert len(unchanged) >= len(stored) - 2
+    for name in unchanged:
+        assert torch.equal(stored[name], original[name].to(torch.bfloat16)), name
 
 
 def test_sentencepiece_tokenizer_problems_are_named(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset, Features, Image, List, Value
 from llava_data import draw, write_llava_dataset
 from PIL import Image as PILImage
-from tiny import make_model, make_processor
+from tiny import make_model, make_processor, spatial_schema
 
 from processing import BadRowError, convert_llava_row, load_llava_dataset, load_messages_dataset, make_collator
 from processing.collator import training_chat_template
@@ -43,7 +43,7 @@ def image_ids(collator, image_path: str) -> list[int]:
     processor = collator.collator.processor
     width, height = PILImage.open(image_path).size
     grid = processor.image_processor.get_slice_layout(height, width).grid or (0, 0)
-    return processor.schema_ids(*grid)
+    return spatial_schema(processor, *grid)
 
 
 def check_batch_row(batch, index: int, pieces: list[tuple[list[int], bool]]) -> None:
@@ -152,12 +152,33 @@ def test_chat_labels_are_the_assistant_answers_token_by_token(data, dataset, pro
     assert int(image_tokens.sum()) == 16 * len(batch["image_grid_hw"])
 
 
+def test_image_schemas_are_never_labelled_whatever_the_loss_mode(dataset, processor):
+    """Without `assistant_only_loss` every text token is a label, but no token of an image's schema is: not its image
+    tokens, not its separators (the reference labels all of an image's features -100)."""
+    collator = make_collator(processor, assistant_only_loss=False, max_length=4096, dataset=dataset)
+    by_id = {row["id"]: row for row in dataset}
+    rows = [by_id["img-1"], by_id["text-only"], by_id["img-2"]]  # 700x400 and 300x500: both sliced
+    batch = collator(rows)
+    for index, row in enumerate(rows):
+        ids = batch["input_ids"][index].tolist()
+        length = int(batch["attention_mask"][index].sum())
+        labels = ids[:length] + [-100] * (len(ids) - length)
+        if row["images"]:
+            schema = image_ids(collator, row["images"][0])
+            start = ids.index(processor.image_token_id)
+            assert ids[start : start + len(schema)] == schema
+            labels[start : start + len(schema)] = [-100] * len(schema)
+        assert batch["labels"][index].tolist() == labels, row["id"]
+    separators = {processor.slice_separator_id, processor.row_separator_id}
+    assert separators <= {*image_ids(collator, rows[0]["images"][0]), *image_ids(collator, rows[2]["images"][0])}
+
+
 def test_plain_format_is_image_then_caption_overview_only(dataset, processor):
     collator = make_collator(processor, chat_format="plain", max_slice_nums=1, max_length=2048, dataset=dataset)
     by_id = {row["id"]: row for row in dataset}
     batch = collator([by_id["img-1"], by_id["img-2"]])
     assert batch["slice_grid"].tolist() == [[0, 0], [0, 0]]  # 700x400 too: overview only
-    image = processor.schema_ids(0, 0)
+    image = [processor.image_token_id] * 16  # the overview's 16 queries, no separator
     bos = processor.tokenizer.bos_token_id
     check_batch_row(batch, 0, [([bos], False), (image, False), (tokens(processor, "A green circle.\n"), True)])
     check_batch_row(batch, 1, [([bos], False), (image, False), (tokens(processor, "A blue square.\n"), True)])

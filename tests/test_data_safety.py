@@ -133,14 +133,18 @@ def test_files_that_are_not_rows_fail_naming_the_file(folder, tmp_path):
 
 def test_more_images_than_placeholders_is_a_bad_row_at_load(folder, tmp_path, caplog):
     row = {"id": "two-images", "image": ["000.png", "001.png"], "conversations": TURNS}  # both files exist
-    data = write_jsonl(tmp_path / "data.jsonl", [json.dumps(good_rows(folder)[0]), json.dumps(row)])
+    unplaced = {"id": "no-placeholder", "image": "000.png", "conversations": TEXT_TURNS}
+    data = write_jsonl(tmp_path / "data.jsonl", [json.dumps(item) for item in (good_rows(folder)[0], row, unplaced)])
     with caplog.at_level(logging.WARNING, logger="processing.llava_format"):
         assert len(load_llava_dataset(data, folder / "images")) == 1
-    assert "'placeholders do not match images': 1" in caplog.text
+    assert "'placeholders do not match images': 2" in caplog.text
     with pytest.raises(
         BadRowError, match=r"Row two-images \(.*line 2\): placeholders do not match images: 1 <image> for 2 image\(s\)"
     ):
         load_llava_dataset(data, folder / "images", on_bad_row="error")
+    alone = write_jsonl(tmp_path / "unplaced.jsonl", [json.dumps(unplaced)])
+    with pytest.raises(BadRowError, match=r"Row no-placeholder .*: placeholders do not match images: 0 <image> for 1"):
+        load_llava_dataset(alone, folder / "images", on_bad_row="error")
 
 
 def test_image_paths_stay_inside_image_folder_unless_allowed(folder, tmp_path):

@@ -64,7 +64,8 @@ def test_the_overview_loses_the_pattern_that_slices_keep(index):
 
 def test_written_split_loads_as_training_rows(tmp_path):
     path = write_split(tmp_path, "train", 3)
-    rows = json.loads(open(path).read())
+    with open(path) as file:
+        rows = json.load(file)
     assert [row["image"] for row in rows] == ["train/00000.png", "train/00001.png", "train/00002.png"]
     dataset = load_llava_dataset(path, tmp_path)
     assert len(dataset) == 3
@@ -77,14 +78,22 @@ def test_written_split_loads_as_training_rows(tmp_path):
     assert Image.open(tmp_path / "train/00000.png").tobytes() == sample.image.tobytes()
 
 
+def test_accuracy_is_exact_match_overall_and_per_expected_pattern():
+    pairs = [("plain", "plain"), ("plain", "stripes"), ("stripes", "stripes"), ("checks", "plain"), ("bars", "bars ")]
+    assert recipe.accuracy(pairs) == {"all": 0.4, "plain": 0.5, "stripes": 1.0, "checks": 0.0, "bars": 0.0}
+    assert recipe.accuracy([("bars", "bars")]) == {"all": 1.0, "bars": 1.0}  # patterns never expected are left out
+
+
 def test_training_recipe_runs_end_to_end_on_a_few_images(tmp_path, monkeypatch):
     """`python -m training.default_model` in small: data, fresh start checkpoints, both runs through `training.sft`,
     evaluation of both."""
     monkeypatch.setattr(recipe, "SPLIT_SIZES", {"train": 6, "test": 2})
     results = recipe.main(["--work", str(tmp_path), "--eval-count", "2", "--max_steps", "2"])
+    saved = json.loads((tmp_path / "evaluation.json").read_text())
     for run in recipe.RUNS:
         assert (tmp_path / run / "model.safetensors").is_file()
-        assert 0 <= results[run]["accuracy"]["all"] <= 1
-    saved = json.loads((tmp_path / "evaluation.json").read_text())
+        scores = results[run]["accuracy"]
+        assert scores["all"] in (0.0, 0.5, 1.0) and set(scores) - {"all"} <= set(PATTERNS)  # 2 images evaluated
+        assert saved[run]["accuracy"] == scores
     assert saved["overview"]["max_slice_nums"] == 1 and saved["slices"]["max_slice_nums"] == 7
     assert json.loads((tmp_path / "data" / "train.json").read_text())[5]["id"] == "train-00005"

@@ -113,7 +113,14 @@ def test_remote_code_loads_without_the_package(bundle, tmp_path):
 
 
 def test_pipeline_in_process(bundle):
+    """The pipeline answers what its model's own greedy `generate` answers on its processor's inputs."""
     pipe = pipeline("image-text-to-text", model=str(bundle))
     chat = [{"role": "user", "content": [{"type": "image", "image": photo("camera")}, {"type": "text", "text": "Hi"}]}]
-    out = pipe(text=chat, max_new_tokens=3, min_new_tokens=3, return_full_text=False)
-    assert isinstance(out[0]["generated_text"], str)
+    greedy = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False}
+    out = pipe(text=chat, generate_kwargs=greedy, return_full_text=False)
+    model, processor = pipe.model, pipe.processor
+    prompt = processor.apply_chat_template(chat, add_generation_prompt=True)
+    inputs = processor(images=photo("camera"), text=prompt, return_tensors="pt")
+    generated = model.generate(**inputs, **greedy)
+    new_tokens = generated[0, inputs["input_ids"].shape[1] :]
+    assert len(new_tokens) == 3 and out[0]["generated_text"] == processor.decode(new_tokens, skip_special_tokens=True)

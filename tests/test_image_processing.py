@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from tiny import gradient, make_processor, photo
+from tiny import gradient, make_processor, photo, spatial_schema
 
 from modeling_llava_uhd import LlavaUhdImageProcessor, SliceLayout
 
@@ -79,6 +79,25 @@ def test_reference_crashes_give_the_references_layout_of_the_one_pixel_side():
     assert matched >= 90  # every max_slice_nums=7 entry: the dense grid holds 1x1024 and 1024x1
 
 
+# (W, H) -> the pre-resized (W, H) of REFERENCE.md's `int((1024 / W) * H)`, in IEEE doubles: for a 2:1 image
+# 1024 / 98 * 49 = 511.99999999999994, so 98x49 becomes 1024x511, not 1024x512 (the fixture has no such size).
+PRE_RESIZED = {
+    (98, 49): (1024, 511),
+    (49, 98): (511, 1024),
+    (196, 147): (1024, 767),
+    (392, 343): (1024, 895),
+    (392, 49): (1024, 127),
+    (2000, 1000): (1024, 512),
+    (1088, 672): (1024, 632),
+}
+
+
+@pytest.mark.parametrize("size", PRE_RESIZED, ids=[f"{w}x{h}" for w, h in PRE_RESIZED])
+def test_pre_resize_truncates_as_the_reference_computes_it(size: tuple[int, int]):
+    width, height = size
+    assert PRE.get_slice_layout(height, width).image_size == PRE_RESIZED[size][::-1]
+
+
 def _pre_resized(width: int, height: int, max_size: int = 1024) -> tuple[int, int]:
     """REFERENCE.md's long-side resize, with a zero side kept at 1 pixel."""
     if width > height:
@@ -140,7 +159,7 @@ def test_layout_properties(width, height, max_slice_nums, geometry, max_image_si
         (c, n // c) for n in (multiple - 1, multiple, multiple + 1) if 2 <= n <= max_slice_nums
         for c in range(1, n + 1) if n % c == 0
     ]
-    assert error(cols, rows) <= min(error(c, r) for c, r in candidates)
+    assert (cols, rows) == min(candidates, key=lambda grid: error(*grid))  # ties: the first in the reference's order
     assert (cols - rows) * (image_w - image_h) >= 0  # a wide image never gets more rows than columns
     # Every slice is `best_resize` of one grid cell of the image (its sides first floored to multiples of the grid).
     cell_w = max(image_w // cols * cols, cols) / cols
@@ -168,7 +187,7 @@ def test_extreme_sizes_process_end_to_end(width: int, height: int, max_image_siz
     assert out["pixel_values"].shape == (int(out["image_grid_hw"].prod(-1).sum()), 3 * 14 * 14)
     assert torch.isfinite(out["pixel_values"]).all()
     ids = out["input_ids"][0].tolist()
-    assert ids[1:] == processor.schema_ids(*grid)  # after BOS
+    assert ids[1:] == spatial_schema(processor, *grid)  # after BOS
     assert ids.count(processor.image_token_id) == layout.num_crops * 4
     assert len(ids) - 1 == layout.num_crops * 4 + layout.num_slices
 

@@ -190,13 +190,19 @@ def test_sdpa_matches_eager(processor, tmp_path):
 
 
 def test_bfloat16_and_device_map(processor, tmp_path):
+    """bfloat16 weights give float32's image features and logits to bfloat16's precision (measured: 0.019 on features
+    up to 3.1, 0.005 on logits up to 0.7)."""
     make_model().save_pretrained(tmp_path)
     inputs = _inputs(processor, [photo("coffee")])
     model = LlavaUhdForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="auto")
     assert model.dtype == torch.bfloat16
+    reference = LlavaUhdForConditionalGeneration.from_pretrained(tmp_path).eval()
     with torch.no_grad():
-        logits = model(**inputs).logits
-    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+        out, expected = model(**inputs), reference(**inputs)
+    assert out.logits.dtype == torch.bfloat16
+    features = out.image_outputs.last_hidden_state
+    torch.testing.assert_close(features.float(), expected.image_outputs.last_hidden_state, atol=0.05, rtol=0)
+    torch.testing.assert_close(out.logits.float(), expected.logits, atol=0.02, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -282,6 +288,14 @@ def test_assisted_generation_equals_greedy(processor):
     greedy = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assisted = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, assistant_model=assistant)
     assert torch.equal(assisted, greedy)
+
+
+@pytest.mark.parametrize("hidden_size, heads", [(5120, 40), (4096, 32), (256, 2), (128, 1), (64, 1)])
+def test_resampler_heads_default_to_one_per_128_channels(hidden_size, heads):
+    """REFERENCE.md: the resampler has D // 128 heads (40 for Vicuna-13B's 5120); a narrower LLM gets one."""
+    text = {"model_type": "llama", "hidden_size": hidden_size, "num_attention_heads": 1}
+    assert LlavaUhdConfig(text_config=text).resampler_num_heads == heads
+    assert LlavaUhdConfig(text_config=text, resampler_num_heads=1).resampler_num_heads == 1  # an explicit count wins
 
 
 def test_resampler_positions_are_set_at_construction():

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from jinja2.exceptions import TemplateError
-from tiny import gradient, make_processor, make_tokenizer
+from tiny import gradient, make_processor, make_tokenizer, spatial_schema
 from transformers import AutoProcessor
 
 from modeling_llava_uhd import LlavaUhdImageProcessor, LlavaUhdProcessor
@@ -54,7 +54,7 @@ def test_default_separators_are_the_tokenizers_comma_and_newline():
 
 @pytest.mark.parametrize("grid", SCHEMAS)
 def test_schema_ids_are_exact(grid: tuple[int, int]):
-    assert PROCESSOR.schema_ids(*grid) == SCHEMAS[grid]
+    assert PROCESSOR.schema_ids(*grid) == SCHEMAS[grid] == spatial_schema(PROCESSOR, *grid)  # the tests' helper too
     text = "Look,<image>\n, at it"  # separator characters right next to the placeholder
     out = PROCESSOR(images=IMAGES[grid], text=text)
     assert out["slice_grid"].tolist() == [list(grid)]
@@ -68,9 +68,10 @@ def test_separators_are_inserted_as_ids_never_retokenized():
     processor = LlavaUhdProcessor(
         PROCESSOR.image_processor, TOKENIZER, num_queries=1, slice_separator_id=slice_id, row_separator_id=row_id
     )
-    assert processor.schema_ids(2, 3) == [I, slice_id, I, slice_id, I, row_id] * 2 + [I]
+    schema = [I, slice_id, I, slice_id, I, row_id] * 2 + [I]
+    assert processor.schema_ids(2, 3) == schema
     out = processor(images=IMAGES[(2, 3)], text="a,<image>\nb")
-    assert out["input_ids"] == [expand(ids_of("a,<image>\nb"), processor.schema_ids(2, 3))]
+    assert out["input_ids"] == [expand(ids_of("a,<image>\nb"), schema)]
 
 
 def test_several_images_per_prompt_in_order():
@@ -264,6 +265,13 @@ def test_truncation():
         PROCESSOR(images=images, text=texts, truncation=True, max_length=12)
     with pytest.raises(ValueError, match=r"^Sample 1: truncating"):
         PROCESSOR(images=images, text=texts[::-1], truncation=True, max_length=12)
+    # At the exact boundary: the schema's last token (the overview's second image token) kept, or refused.
+    schema_end = full[0].index(I) + len(SCHEMAS[(1, 3)])
+    assert full[0][schema_end - 1] == I and full[0][schema_end] != I
+    out = PROCESSOR(images=images, text=texts, truncation=True, max_length=schema_end)
+    assert out["input_ids"][0] == full[0][:schema_end]
+    with pytest.raises(ValueError, match=rf"^Sample 0: truncating .* to max_length={schema_end - 1} would cut"):
+        PROCESSOR(images=images, text=texts, truncation=True, max_length=schema_end - 1)
 
     left = make_processor(num_queries=2, max_image_size=None)
     left.tokenizer.truncation_side = "left"

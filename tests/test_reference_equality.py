@@ -40,7 +40,11 @@ def test_prompt_and_input_ids_match_reference(converted):
     reference = EXPECTED["input_ids"][0].tolist()
     position = FACTS["image_token_position"]
     assert reference[position] == -200
-    schema = processor.schema_ids(*FACTS["grid_cols_rows"][::-1])
+    # The schema the reference built (`ind_tokens`, its separators patched to this tokenizer's ',' and '\n'): each
+    # slice's 144 features then its separator, the overview last.
+    assert FACTS["ind_tokens"] == [[14, 14, 201, 14, 14, 201]]
+    image = processor.image_token_id
+    schema = [i for separator in FACTS["ind_tokens"][0] for i in [image] * 144 + [separator]] + [image] * 144
     assert inputs["input_ids"][0].tolist() == reference[:position] + schema + reference[position + 1 :]
     assert inputs["input_ids"].shape[1] == FACTS["sequence_length"]
     assert inputs["slice_grid"].tolist() == [FACTS["grid_cols_rows"][::-1]]

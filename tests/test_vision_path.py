@@ -5,12 +5,7 @@ import torch
 from tiny import make_model, make_processor, photo
 
 from modeling_llava_uhd import modeling_llava_uhd as modeling
-from modeling_llava_uhd.modeling_llava_uhd import (
-    LlavaUhdResamplerAttention,
-    best_pooling_size,
-    roi_align_matrix,
-    window_boxes,
-)
+from modeling_llava_uhd.modeling_llava_uhd import LlavaUhdResamplerAttention
 
 
 @pytest.fixture(scope="module")
@@ -83,16 +78,6 @@ def test_image_features_return_the_towers_hidden_states_and_attentions(inputs):
     torch.testing.assert_close(model.model.resampler(first, height, width)[0], out.last_hidden_state[0])
     plain = model.get_image_features(**inputs)
     assert plain.hidden_states is None and plain.attentions is None
-
-
-@pytest.mark.parametrize("height,width", [(24, 24), (23, 24), (18, 30), (3, 151), (151, 3), (10, 10), (1, 1)])
-def test_separable_window_pooling_is_roi_align(height, width):
-    resampler = make_model().model.resampler
-    x = torch.randn(2, height * width, 8)
-    boxes = window_boxes(height, width, resampler.num_queries)
-    dense = roi_align_matrix(boxes, height, width, *best_pooling_size(height, width)) @ x
-    pooled = resampler._pool_windows(x, height, width)
-    torch.testing.assert_close(pooled.flatten(1, 2), dense, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])

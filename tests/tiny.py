@@ -72,6 +72,15 @@ def make_processor(num_queries: int = 16, **image_kwargs) -> LlavaUhdProcessor:
     )
 
 
+def spatial_schema(processor: LlavaUhdProcessor, rows: int, cols: int) -> list[int]:
+    """The ids an image of a `rows x cols` slice grid stands for, written out from REFERENCE.md apart from
+    `LlavaUhdProcessor.schema_ids`: each row of slices is `crop , crop , ... crop \\n`, the overview's crop comes last
+    (0 x 0, unsliced: the overview alone)."""
+    crop = [processor.image_token_id] * processor.num_queries
+    row = (crop + [processor.slice_separator_id]) * (cols - 1) + crop + [processor.row_separator_id]
+    return row * rows + crop
+
+
 def photo(name: str = "astronaut", size: tuple[int, int] | None = None) -> Image.Image:
     """A real photo from scikit-image's bundled data, RGB, optionally resized to `size` (width, height)."""
     array = getattr(data, name)()
