@@ -144,6 +144,24 @@ def images_from_patches(patches: torch.Tensor, height: int, width: int, patch: i
     return images.reshape(len(patches), 3, height * patch, width * patch)
 
 
+def image_schema_mask(
+    input_ids: torch.Tensor, image_token_id: int, slice_grid: torch.Tensor | None, num_queries: int
+) -> torch.Tensor:
+    """Where the images' schemas lie in `input_ids`: image tokens, and with `slice_grid` (images in order) also the
+    separators between an image's crops, from its first image token to its `(rows * cols + 1) * num_queries`-th."""
+    image = input_ids == image_token_id
+    if slice_grid is None:
+        return image
+    mask, counts = image.clone(), iter([(rows * cols + 1) * num_queries for rows, cols in slice_grid.tolist()])
+    for row, positions in enumerate(image):
+        positions = positions.nonzero().flatten().tolist()
+        while positions:
+            count = min(next(counts), len(positions))
+            mask[row, positions[0] : positions[count - 1] + 1] = True
+            positions = positions[count:]
+    return mask
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -533,8 +551,8 @@ class LlavaUhdForConditionalGeneration(LlavaUhdPreTrainedModel, GenerationMixin)
         r"""
         pixel_values, image_grid_hw, slice_grid: packed crops from [`LlavaUhdImageProcessor`].
         cache: the KV cache (`past_key_values` is its other name).
-        labels: token ids for the causal LM loss; -100 is ignored, and so are image-token positions, whichever collator
-            built the batch.
+        labels: token ids for the causal LM loss; -100 is ignored, and so are the images' schemas (image tokens and the
+            separators between crops, as the reference ignores image features), whichever collator built the batch.
 
         Example:
 
@@ -564,7 +582,9 @@ class LlavaUhdForConditionalGeneration(LlavaUhdPreTrainedModel, GenerationMixin)
         logits = self.lm_head(outputs.last_hidden_state[:, kept])
         loss = None
         if labels is not None:
-            labels = labels.masked_fill(labels == self.config.image_token_id, -100)
+            ids = input_ids if input_ids is not None else labels
+            schema = image_schema_mask(ids, self.config.image_token_id, slice_grid, self.config.num_queries)
+            labels = labels.masked_fill(schema | (labels == self.config.image_token_id), -100)
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )

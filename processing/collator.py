@@ -7,13 +7,13 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
 from datasets import Dataset
 from jinja2.exceptions import TemplateError, TemplateSyntaxError
 from PIL import Image
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from modeling_llava_uhd import LlavaUhdProcessor, UnusableSampleError
+from modeling_llava_uhd.modeling_llava_uhd import image_schema_mask
 
 from .llava_format import BadRowError, OnBadRow, check_on_bad_row
 
@@ -119,22 +119,12 @@ class LlavaUhdDataCollator:
 
     def _collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.collator(rows)
-        batch["labels"][self._schemas(batch)] = IGNORE_INDEX
-        return batch
-
-    def _schemas(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Where the images' schemas lie in `batch` (image tokens and the separators between them): each image's from
-        its first image token on, as long as its slice grid makes it (images in order, as `slice_grid` lists them)."""
         processor = self.collator.processor
-        image = batch["input_ids"] == processor.image_token_id
-        mask, grids = image.clone(), iter(batch.get("slice_grid", torch.empty(0, 2)).tolist())
-        for row, positions in enumerate(image):
-            end = 0
-            for start in positions.nonzero().flatten().tolist():
-                if start >= end:  # the first image token of the next image
-                    end = start + len(processor.schema_ids(*next(grids)))
-                    mask[row, start:end] = True
-        return mask
+        schema = image_schema_mask(
+            batch["input_ids"], processor.image_token_id, batch.get("slice_grid"), processor.num_queries
+        )
+        batch["labels"][schema] = IGNORE_INDEX
+        return batch
 
     @staticmethod
     def _supervised(batch: dict[str, Any]) -> list[bool]:

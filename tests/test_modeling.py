@@ -125,6 +125,26 @@ def test_loss_and_gradients(processor):
     assert model.model.vision_tower.get_input_embeddings().weight.grad.abs().sum() > 0
 
 
+def test_loss_ignores_each_images_whole_schema(processor):
+    """Labels that are the input ids (TRL's stock collator without `assistant_only_loss`) lose the images' schemas,
+    separators included (the reference ignores all image features): the loss is that of labels masked where the
+    processor's `mm_token_type_ids` mark the schemas, which is not the loss with the separators kept."""
+    model = make_model()
+    images = [photo("astronaut", (1088, 672)), photo("coffee", (120, 90)), photo("camera", (300, 900))]
+    inputs = _inputs(processor, images, return_mm_token_type_ids=True, padding=True)
+    types = inputs.pop("mm_token_type_ids").bool()
+    image_only = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.image_token_id, -100)
+    expected = inputs["input_ids"].masked_fill(types, -100)
+    assert (image_only != expected).sum() > 2  # the schemas hold separators
+    with torch.no_grad():
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        torch.testing.assert_close(loss, model(**inputs, labels=expected).loss)
+        kept = torch.nn.functional.cross_entropy(
+            model(**inputs).logits[:, :-1].flatten(0, 1), image_only[:, 1:].flatten(), ignore_index=-100
+        )
+        assert not torch.isclose(loss, kept)
+
+
 def test_generate_encodes_images_only_on_prefill(processor):
     model = make_model()
     inputs = _inputs(processor, [photo("coffee")])
