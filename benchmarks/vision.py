@@ -12,9 +12,7 @@ each after the reference's pre-resize), all with the same random weights:
 * grouped, same computation: one such forward per distinct crop shape (what this package did before);
 * `get_image_features` (ours): one vision-tower forward per shape, the feature layer read from the tower's own hidden
   states; queries projected once, keys and values projected before the (separable) RoI pooling, position tables and
-  RoIAlign maps cached per shape;
-* ours with CLIP stopped at the feature layer (its layers called one by one): what the tower's unused last layer
-  costs `get_image_features`.
+  RoIAlign maps cached per shape; the tower stops after the feature layer.
 Configs: `small` has ViT-L's depth (24 layers) at 128 wide (2 heads of 64) and a 512-wide resampler (4 heads of 128),
 so it runs on a CPU; `vit-l` is CLIP ViT-L/14-336 with a 5120-wide resampler (13B), the real sizes; `tiny` is the
 test suite's.
@@ -122,29 +120,6 @@ def grouped_reference(model, pixel_values: torch.Tensor, image_grid_hw: torch.Te
     return torch.stack(tokens)
 
 
-def stopped_at_feature_layer(model, pixel_values: torch.Tensor, image_grid_hw: torch.Tensor) -> torch.Tensor:
-    """`get_image_features` with CLIP stopped after the feature layer: its embeddings, pre-layernorm and first layers
-    called one by one (CLIP's internals; what this package did before it read the tower's own outputs), then the
-    package's resampler. Measures what running the tower's unused last layer costs."""
-    inner, patch = model.model, model.config.vision_config.patch_size
-    clip, layer = getattr(inner.vision_tower, "vision_model", inner.vision_tower), model.config.vision_feature_layer
-    keep = len(clip.encoder.layers) + 1 + layer if layer < 0 else layer
-    grid = image_grid_hw.tolist()
-    crops = pixel_values.split([h * w for h, w in grid])
-    groups: dict[tuple[int, int], list[int]] = {}
-    for index, shape in enumerate(grid):
-        groups.setdefault(tuple(shape), []).append(index)
-    tokens = [None] * len(grid)
-    for (height, width), indices in groups.items():
-        images = images_from_patches(torch.stack([crops[i] for i in indices]), height, width, patch)
-        hidden = clip.pre_layrnorm(clip.embeddings(images.to(inner.vision_tower.dtype), interpolate_pos_encoding=True))
-        for block in clip.encoder.layers[:keep]:
-            hidden = block(hidden, None)
-        for index, crop_tokens in zip(indices, inner.resampler(hidden[:, 1:], height, width)):
-            tokens[index] = crop_tokens
-    return torch.stack(tokens)
-
-
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Prints the table; returns each path's `seconds` (median) and `difference` (max abs difference to ours)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -170,7 +145,6 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         "get_image_features (ours)": lambda: (
             model.get_image_features(pixel_values, grid, slice_grid).last_hidden_state
         ),
-        "ours, CLIP stopped at the feature layer": lambda: stopped_at_feature_layer(model, pixel_values, grid),
     }
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else lambda: None
     with torch.inference_mode():

@@ -4,6 +4,7 @@ import pytest
 import torch
 from tiny import make_model, make_processor, photo
 
+from modeling_llava_uhd import LlavaUhdConfig, LlavaUhdForConditionalGeneration
 from modeling_llava_uhd import modeling_llava_uhd as modeling
 from modeling_llava_uhd.modeling_llava_uhd import LlavaUhdResamplerAttention
 
@@ -122,3 +123,44 @@ def test_constants_from_inference_mode_are_not_reused_by_autograd(inputs):
     model.train()
     features(model, inputs).sum().backward()
     assert model.model.resampler.query.grad.abs().sum() > 0
+
+
+def siglip_model():
+    config = make_model().config.to_dict()
+    config["vision_config"] = {
+        "model_type": "siglip_vision_model", "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "patch_size": 14, "image_size": 336,
+    }  # fmt: skip
+    torch.manual_seed(0)
+    return LlavaUhdForConditionalGeneration(LlavaUhdConfig(**config)).eval()
+
+
+@pytest.mark.parametrize("tower", ["clip", "siglip"])
+def test_the_tower_stops_at_the_feature_layer(inputs, tower):
+    """Layer -2 of a 3-layer tower: its last layer never runs, the features are those of the whole tower's hidden
+    state -2, and the tower is whole again after the call (also after an error inside it)."""
+    model = make_model() if tower == "clip" else siglip_model()
+    vision = model.model.vision_tower
+    layers = modeling.cuttable_layers(vision)
+    assert layers is not None and len(layers) == 3
+    runs = []
+    layers[-1].register_forward_hook(lambda *args: runs.append("last"))
+    with torch.no_grad():
+        ours = features(model, inputs)
+        assert runs == [] and len(layers) == 3
+        grid = inputs["image_grid_hw"].tolist()
+        whole = model.get_image_features(**inputs, output_hidden_states=True)  # the tower's outputs: it runs whole
+        assert len(runs) == len({tuple(shape) for shape in grid})
+        expected = torch.cat([
+            model.model.resampler(crop[None, -h * w :], h, w) for crop, (h, w) in zip(whole.hidden_states[-2], grid)
+        ])  # fmt: skip
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+    def broken(*args):
+        raise RuntimeError("layer failed")
+
+    handle = layers[0].register_forward_hook(broken)
+    with pytest.raises(RuntimeError, match="layer failed"):
+        features(model, inputs)
+    handle.remove()
+    assert len(layers) == 3 and len(list(layers)) == 3
