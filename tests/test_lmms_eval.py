@@ -142,16 +142,23 @@ def test_batch_size_does_not_change_answers(runs):
     assert [row["target"] for row in runs[4]["uhd_detail"]] == expected
 
 
-def test_authors_vqav2_decoding_is_beam_search(runs, cache):
-    """The photos run under the authors' VQAv2 settings: 3 beams, not the task's greedy 4 tokens."""
-    model = LlavaUhd(pretrained=str(default_model_path(cache)), device="cpu")
-    samples = [{"image": photo(name), "question": PHOTO_QUESTION} for name in PHOTOS[:2]]
-    model.task_dict = {"any": {"test": samples}}
-    requests = [request("any", index, PHOTO_QUESTION, {"max_new_tokens": 4}) for index in range(2)]
-    inputs, _, _ = model.build_inputs(requests)
-    beams = model.model.generate(**inputs, num_beams=3, max_new_tokens=128, do_sample=False)
-    texts = model.processor.batch_decode(beams[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert answers(runs[1], "vqav2_uhd_photos")[:2] == [text.strip() for text in texts]
+@pytest.mark.parametrize("protocol", ["authors", "task"])
+def test_decoding_follows_the_protocol(runs, cache, protocol):
+    """`protocol=authors` decodes a VQAv2 task as the authors' script (3 beams, 128 tokens) and a task they did not
+    run with its own settings; `protocol=task` uses the task's settings for both. The answers are the command line's."""
+    model = LlavaUhd(pretrained=str(default_model_path(cache)), device="cpu", batch_size=2, protocol=protocol)
+    calls, generate = [], model.model.generate
+    model.model.generate = lambda **inputs: calls.append(inputs) or generate(**inputs)
+    photos = [{"image": photo(name)} for name in PHOTOS[:2]]
+    detail = [{"image": make_sample("test", 0).image}]
+    model.task_dict = {TASKS[1]: {"test": photos}, TASKS[0]: {"test": detail}}
+    greedy = {"max_new_tokens": 4, "temperature": 0, "num_beams": 1}
+    requests = [request(TASKS[1], index, PHOTO_QUESTION, greedy) for index in range(2)]
+    requests.append(request(TASKS[0], 0, make_sample("test", 0).question, greedy))
+    answers_in_process = model.generate_until(requests)
+    photo_decoding = (3, 128) if protocol == "authors" else (1, 4)
+    assert [(call["num_beams"], call["max_new_tokens"]) for call in calls] == [photo_decoding, (1, 4)]
+    assert answers_in_process == answers(runs[1], TASKS[1])[:2] + answers(runs[1], TASKS[0])[:1]
 
 
 def request(task: str, doc_id: int, context: str, gen_kwargs: dict) -> Instance:
@@ -267,3 +274,20 @@ def test_prompt_and_inputs_are_the_authors(vicuna_model, task_configs, task, doc
     assert torch.equal(inputs["image_grid_hw"], reference["image_grid_hw"])
     num_beams, max_new_tokens = AUTHORS_DECODING[task_name]
     assert generate == {"do_sample": False, "num_beams": num_beams, "max_new_tokens": max_new_tokens}
+
+
+def test_authors_decoding_by_task_name():
+    from modeling_llava_uhd.lmms_eval_llava_uhd import authors_decoding
+
+    assert authors_decoding("vqav2_val").num_beams == 3 and authors_decoding("pope_adv").num_beams == 1
+    assert authors_decoding("mme").num_beams == 5 and authors_decoding("mmbench_cn_dev").pre_resize is False
+    assert authors_decoding("mmerealworld") is None and authors_decoding("seedbench") is None
+
+
+def test_bad_model_args_are_named():
+    with pytest.raises(ValueError, match=r"unknown model_args \['bogus'\]"):
+        LlavaUhd(bogus=1)
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        LlavaUhd(protocol="paper")
+    with pytest.raises(ValueError, match="batch_size must be a number"):
+        LlavaUhd(batch_size="auto")
