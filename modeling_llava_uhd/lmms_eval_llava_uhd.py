@@ -93,7 +93,7 @@ class LlavaUhd(lmms):
         dtype: str = "auto",
         revision: str | None = None,
         trust_remote_code: bool = False,
-        max_batch_size: int | None = None,
+        max_batch_size: int | None = None,  # lmms-eval passes it for `batch_size=auto`, which is refused
         **kwargs,
     ) -> None:
         super().__init__()
@@ -173,7 +173,7 @@ class LlavaUhd(lmms):
         prompts, images = [], []
         for request in requests:
             context, _, doc_to_visual, doc_id, task, split = request.args
-            visuals = [visual.convert("RGB") for visual in doc_to_visual(self.task_dict[task][split][doc_id]) or []]
+            visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
             prompts.append(self.prompt(context, len(visuals)))
             images += visuals
         inputs = self.processor_for(max_image_size)(
@@ -181,6 +181,7 @@ class LlavaUhd(lmms):
             text=prompts,
             padding=True,
             max_slice_nums=self.max_slice_nums,
+            apply_exif_orientation=False,  # the pixels as stored, as the authors' `Image.open` read them
             return_tensors="pt",
         )
         return inputs.to(self._device), generate, until
