@@ -82,7 +82,9 @@ def _bilinear_axis_weights(coords: torch.Tensor, length: int) -> torch.Tensor:
     low = torch.where(at_edge, torch.full_like(low, length - 1), low)
     high = torch.where(at_edge, low, low + 1)
     frac = torch.where(at_edge, torch.zeros_like(coords), coords - low.float())
-    weights = F.one_hot(low, length).float() * (1.0 - frac)[..., None] + F.one_hot(high, length).float() * frac[..., None]
+    weights = (
+        F.one_hot(low, length).float() * (1.0 - frac)[..., None] + F.one_hot(high, length).float() * frac[..., None]
+    )
     return weights * valid[..., None]
 
 
@@ -132,6 +134,23 @@ def best_pooling_size(height: int, width: int) -> tuple[int, int]:
         if error < min_error:
             best, min_error = (rows, cols), error
     return best
+
+
+def crops_by_shape(
+    pixel_values: torch.Tensor, image_grid_hw: list[list[int]], patch_size: int
+) -> list[tuple[tuple[int, int], list[int], torch.Tensor]]:
+    """Packed patches (see `LlavaUhdImageProcessor`) as images, one batch per distinct patch grid: `(height, width)`
+    in patches, the indices of its crops, and the crops `[n, 3, height * patch_size, width * patch_size]`."""
+    crops = pixel_values.split([h * w for h, w in image_grid_hw])
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, shape in enumerate(image_grid_hw):
+        groups.setdefault(tuple(shape), []).append(index)
+    batches = []
+    for (height, width), indices in groups.items():
+        images = torch.stack([crops[i] for i in indices]).view(len(indices), height, width, 3, patch_size, patch_size)
+        images = images.permute(0, 3, 1, 4, 2, 5).reshape(len(indices), 3, height * patch_size, width * patch_size)
+        batches.append(((height, width), indices, images))
+    return batches
 
 
 class LlavaUhdResamplerAttention(nn.Module):
@@ -323,11 +342,6 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
             raise ValueError(
                 f"`slice_grid` describes {sum(crops_per_image)} crops but `image_grid_hw` has {len(grid_hw)}."
             )
-        patch = self.config.vision_config.patch_size
-        crops = pixel_values.to(self.vision_tower.dtype).split(crop_lengths)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for index, shape in enumerate(grid_hw):
-            groups.setdefault(tuple(shape), []).append(index)
 
         wanted = []  # `output_hidden_states` / `output_attentions` of the call, else of the config
         for name in ("hidden_states", "attentions"):
@@ -335,9 +349,10 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
             if getattr(self.config, f"output_{name}", False) if requested is None else requested:
                 wanted.append(name)
         tokens, per_crop = None, {name: [None] * len(grid_hw) for name in wanted}
-        for (height, width), indices in groups.items():
-            images = torch.stack([crops[i] for i in indices]).view(len(indices), height, width, 3, patch, patch)
-            images = images.permute(0, 3, 1, 4, 2, 5).reshape(len(indices), 3, height * patch, width * patch)
+        patch = self.config.vision_config.patch_size
+        for (height, width), indices, images in crops_by_shape(
+            pixel_values.to(self.vision_tower.dtype), grid_hw, patch
+        ):
             outputs = self.vision_tower(
                 pixel_values=images,
                 interpolate_pos_encoding=True,
