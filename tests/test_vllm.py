@@ -12,13 +12,12 @@ import pytest
 pytest.importorskip("vllm")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: faster start, no fork
 
-import torch  # noqa: E402
-from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
-from vllm import LLM, SamplingParams  # noqa: E402
+import torch
+from tiny import gradient, make_config, make_processor, photo
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from vllm import LLM, SamplingParams
 
-from modeling_llava_uhd import default_model_path  # noqa: E402
-from modeling_llava_uhd import LlavaUhdForConditionalGeneration  # noqa: E402
-from tiny import gradient, make_config, make_processor, photo  # noqa: E402
+from modeling_llava_uhd import LlavaUhdForConditionalGeneration, default_model_path
 
 MAX_TOKENS = 8
 # (width, height): unsliced small images, square, wide and tall strips, large photos (pre-resized, up to 7 slices).
