@@ -68,11 +68,15 @@ def client(tmp_path_factory):
         server.wait(timeout=60)
 
 
-def chat(client, *image_urls: str, max_tokens: int = 4):
+def chat(client, *image_urls: str, max_tokens: int = 4, **extra_body):
     content = [{"type": "image_url", "image_url": {"url": url}} for url in image_urls]
     messages = [{"role": "user", "content": [*content, {"type": "text", "text": QUESTION}]}]
     return client.chat.completions.create(
-        model=str(default_model_path()), messages=messages, max_tokens=max_tokens, temperature=0.0
+        model=str(default_model_path()),
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=0.0,
+        extra_body=extra_body,
     )
 
 
@@ -99,3 +103,10 @@ def test_bad_input_is_refused_and_the_server_goes_on(client):
     with pytest.raises(openai.BadRequestError, match="image"):
         chat(client, image, image, image)  # the server takes at most two per prompt
     assert chat(client, image, image).choices[0].message.content is not None
+
+
+def test_max_slice_nums_per_request(client):
+    image = data_url(photo("astronaut", (900, 600)))
+    sliced, overview = chat(client, image), chat(client, image, mm_processor_kwargs={"max_slice_nums": 1})
+    # The default model has 16 queries per crop: 6 slices, their separators and the overview, against the overview.
+    assert sliced.usage.prompt_tokens - overview.usage.prompt_tokens == 6 * 16 + 6
