@@ -48,6 +48,7 @@ def client(tmp_path_factory):
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(default_model_path())]
     command += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "1024"]
     command += ["--enforce-eager", "--gpu-memory-utilization", "0.1", "--limit-mm-per-prompt", '{"image": 2}']
+    command += ["--trust-request-mm-kwargs"]  # per-request `max_slice_nums`
     with open(log, "w") as output:
         server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
     try:
