@@ -2,7 +2,7 @@
 
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import ImageInput
-from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, Unpack
 
 from .image_processing_llava_uhd import LlavaUhdImageProcessorKwargs
 
@@ -12,7 +12,7 @@ from .image_processing_llava_uhd import LlavaUhdImageProcessorKwargs
 # assistant says, so `return_assistant_tokens_mask` (and TRL's `assistant_only_loss`) covers exactly the answers and
 # their `</s>`.
 CHAT_TEMPLATE = (
-    "{%- set system = \"A chat between a curious user and an artificial intelligence assistant. "
+    '{%- set system = "A chat between a curious user and an artificial intelligence assistant. '
     "The assistant gives helpful, detailed, and polite answers to the user's questions.\" -%}"
     "{%- macro render(content) -%}"
     "{%- if content is string -%}{{ content }}"
@@ -111,7 +111,9 @@ class LlavaUhdProcessor(ProcessorMixin):
         self.row_separator_id = _char_id(tokenizer, "\n") if row_separator_id is None else row_separator_id
         for name in ("slice_separator_id", "row_separator_id"):
             if not 0 <= getattr(self, name) < len(tokenizer):
-                raise ValueError(f"`{name}` {getattr(self, name)} is not an id of this {len(tokenizer)}-token tokenizer.")
+                raise ValueError(
+                    f"`{name}` {getattr(self, name)} is not an id of this {len(tokenizer)}-token tokenizer."
+                )
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
 
     def schema_ids(self, rows: int, cols: int) -> list[int]:
@@ -124,7 +126,10 @@ class LlavaUhdProcessor(ProcessorMixin):
         return ids + crop
 
     def __call__(
-        self, images: ImageInput | list[ImageInput] | None = None, text: str | list[str] | None = None, **kwargs
+        self,
+        images: ImageInput | list[ImageInput] | None = None,
+        text: str | list[str] | None = None,
+        **kwargs: Unpack[LlavaUhdProcessorKwargs],
     ) -> BatchFeature:
         """Tokenize `text`, slice `images` and expand each `<image>` of the text into its schema tokens.
 
@@ -200,7 +205,10 @@ class LlavaUhdProcessor(ProcessorMixin):
             # placeholder keeps its span.
             token = self.image_token
             data["text_replacement_offsets"] = [
-                [{"type": "image", "span": span, "new_span": span, "text": token, "replacement": token} for span in spans]
+                [
+                    {"type": "image", "span": span, "new_span": span, "text": token, "replacement": token}
+                    for span in spans
+                ]
                 for spans in placeholders
             ]
         if not flags["return_mm_token_type_ids"]:
@@ -341,7 +349,9 @@ class LlavaUhdProcessor(ProcessorMixin):
         elif padding in (False, None, "do_not_pad"):
             target = None
         else:
-            raise ValueError(f"`padding` must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}.")
+            raise ValueError(
+                f"`padding` must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}."
+            )
         if target is not None and pad_to_multiple_of:
             target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
         side = padding_side or getattr(self.tokenizer, "padding_side", "right")
