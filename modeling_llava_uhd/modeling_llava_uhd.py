@@ -145,6 +145,25 @@ def images_from_patches(patches: torch.Tensor, height: int, width: int, patch: i
     return images.reshape(len(patches), 3, height * patch, width * patch)
 
 
+def crops_by_shape(
+    pixel_values: torch.Tensor, image_grid_hw: list[list[int]], patch_size: int
+) -> list[tuple[tuple[int, int], list[int], torch.Tensor]]:
+    """Packed patches (see `LlavaUhdImageProcessor`) as images, one batch per distinct patch grid: `(height, width)`
+    in patches, the indices of its crops, and the crops `[n, 3, height * patch_size, width * patch_size]`."""
+    crops = pixel_values.split([h * w for h, w in image_grid_hw])
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, shape in enumerate(image_grid_hw):
+        groups.setdefault(tuple(shape), []).append(index)
+    return [
+        (
+            (height, width),
+            indices,
+            images_from_patches(torch.stack([crops[i] for i in indices]), height, width, patch_size),
+        )
+        for (height, width), indices in groups.items()
+    ]
+
+
 def image_schema_mask(
     input_ids: torch.Tensor, image_token_id: int, slice_grid: torch.Tensor | None, num_queries: int
 ) -> torch.Tensor:
@@ -413,11 +432,6 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
             raise ValueError(
                 f"`slice_grid` describes {sum(crops_per_image)} crops but `image_grid_hw` has {len(grid_hw)}."
             )
-        patch = self.config.vision_config.patch_size
-        crops = pixel_values.to(self.vision_tower.dtype).split(crop_lengths)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for index, shape in enumerate(grid_hw):
-            groups.setdefault(tuple(shape), []).append(index)
 
         wanted = []  # `output_hidden_states` / `output_attentions` of the call, else of the config
         for name in ("hidden_states", "attentions"):
@@ -425,12 +439,14 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
             if getattr(self.config, f"output_{name}", False) if requested is None else requested:
                 wanted.append(name)
         # The tower runs up to the feature layer only, unless its outputs were asked for (then it runs whole).
-        state = layer % num_states
+        feature_state = layer % num_states
         layers = None if wanted else cuttable_layers(self.vision_tower)
         tokens, per_crop = None, {name: [None] * len(grid_hw) for name in wanted}
-        for (height, width), indices in groups.items():
-            images = images_from_patches(torch.stack([crops[i] for i in indices]), height, width, patch)
-            with first_layers_only(layers, max(state, 1)):  # the embeddings are recorded as the first layer runs
+        patch = self.config.vision_config.patch_size
+        for (height, width), indices, images in crops_by_shape(
+            pixel_values.to(self.vision_tower.dtype), grid_hw, patch
+        ):
+            with first_layers_only(layers, max(feature_state, 1)):  # embeddings are recorded as the first layer runs
                 outputs = self.vision_tower(
                     pixel_values=images,
                     interpolate_pos_encoding=True,
@@ -439,7 +455,7 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
                     return_dict=True,
                     **kwargs,
                 )
-            compressed = self.resampler(outputs.hidden_states[state][:, -height * width :], height, width)
+            compressed = self.resampler(outputs.hidden_states[feature_state][:, -height * width :], height, width)
             if tokens is None:
                 tokens = compressed.new_empty(len(grid_hw), *compressed.shape[1:])
             tokens[indices] = compressed

@@ -2,7 +2,7 @@
 
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import ImageInput
-from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, Unpack
 
 from .image_processing_llava_uhd import LlavaUhdImageProcessorKwargs
 
@@ -139,7 +139,10 @@ class LlavaUhdProcessor(ProcessorMixin):
         )
 
     def __call__(
-        self, images: ImageInput | list[ImageInput] | None = None, text: str | list[str] | None = None, **kwargs
+        self,
+        images: ImageInput | list[ImageInput] | None = None,
+        text: str | list[str] | None = None,
+        **kwargs: Unpack[LlavaUhdProcessorKwargs],
     ) -> BatchFeature:
         """Tokenize `text`, slice `images` and expand each `<image>` of the text into its schema tokens.
 

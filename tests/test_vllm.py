@@ -1,0 +1,136 @@
+"""LLaVA-UHD in vLLM (the `vllm.general_plugins` entry point): greedy tokens equal transformers' `generate` for both
+projector types and the default model, on images of many sizes submitted together; `max_slice_nums` per request.
+
+Runs where vLLM is installed (`.ci/vllm.sh` builds that environment); skipped elsewhere.
+"""
+
+import gc
+import os
+
+import pytest
+
+pytest.importorskip("vllm")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: faster start, no fork
+
+import torch
+from tiny import gradient, make_config, make_processor, photo
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from vllm import LLM, SamplingParams
+
+from modeling_llava_uhd import LlavaUhdForConditionalGeneration, default_model_path
+
+MAX_TOKENS = 8
+# (width, height): unsliced small images, square, wide and tall strips, large photos (pre-resized, up to 7 slices).
+SIZES = [
+    (120, 90), (336, 336), (200, 500), (700, 700), (1200, 300), (300, 1200), (1024, 768), (768, 1024), (1500, 1100),
+    (2000, 400), (420, 2100), (640, 480), (900, 500), (50, 60), (1800, 1800), (500, 340), (1100, 1500), (800, 200),
+    (336, 900), (1300, 700), (260, 250), (960, 540),
+]  # fmt: skip
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
+QUESTIONS = ("What is in the picture?", "Describe the image in detail.", "Count the objects.")
+
+
+def images() -> list:
+    """Real photos and generated images, one per size."""
+    return [photo(PHOTOS[i % len(PHOTOS)], size) if i % 3 else gradient(*size, seed=i) for i, size in enumerate(SIZES)]
+
+
+def requests(processor) -> list[tuple[str, list, dict]]:
+    """Prompts (chat template, the BOS left to vLLM's tokenizer), their images and image keywords: one image each,
+    then prompts with two and three images; every fourth request unsliced (`max_slice_nums=1`: the overview alone, as
+    small images are after the processor's pre-resize to 1024)."""
+    pictures = images()
+    groups = [[image] for image in pictures[:16]] + [pictures[16:18], pictures[18:21], [pictures[21], pictures[0]]]
+    prompts = []
+    for index, group in enumerate(groups):
+        content = [{"type": "image"}] * len(group) + [{"type": "text", "text": QUESTIONS[index % len(QUESTIONS)]}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        kwargs = {"max_slice_nums": 1} if index % 4 == 1 else {}
+        prompts.append((text.removeprefix(processor.tokenizer.bos_token), group, kwargs))
+    return prompts
+
+
+def transformers_greedy(model, processor, prompt: str, group: list, **images_kwargs) -> tuple[list[int], list[int]]:
+    """Prompt ids and greedy new tokens of transformers' `generate`, one request alone."""
+    inputs = processor(images=group, text=prompt, return_tensors="pt", **images_kwargs)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
+    return inputs["input_ids"][0].tolist(), out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def tiny_model(projector_type: str) -> LlavaUhdForConditionalGeneration:
+    """A tiny random model whose attention heads vLLM's CPU kernels take (head size 32; tests/tiny.py's is 16)."""
+    torch.manual_seed(0)
+    config = make_config(projector_type)
+    config.text_config.num_attention_heads = config.text_config.num_key_value_heads = 2
+    config.text_config.head_dim = config.text_config.hidden_size // 2
+    model = LlavaUhdForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    return model
+
+
+def engine(folder) -> LLM:
+    return LLM(
+        model=str(folder),
+        dtype="float32",
+        max_model_len=1024,
+        enforce_eager=True,
+        gpu_memory_utilization=0.1,
+        limit_mm_per_prompt={"image": 3},
+        seed=0,
+    )
+
+
+@pytest.fixture(scope="module", params=["spatial_resampler", "resampler", "default model"])
+def served(request, tmp_path_factory):
+    """(vLLM engine, transformers model, processor) of one model, the engine shared by the module's tests."""
+    if request.param == "default model":
+        folder = default_model_path()
+        model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+        processor = AutoProcessor.from_pretrained(folder)
+    else:
+        folder = tmp_path_factory.mktemp(request.param)
+        model, processor = tiny_model(request.param), make_processor(num_queries=16)
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+    llm = engine(folder)
+    yield llm, model, processor
+    del llm
+    gc.collect()
+
+
+def test_greedy_tokens_equal_transformers_generate_batched(served):
+    llm, model, processor = served
+    prompts = requests(processor)
+    assert sum(len(group) for _, group, _ in prompts) >= 20
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+    outputs = llm.generate(
+        [{"prompt": p, "multi_modal_data": {"image": g}, "mm_processor_kwargs": k} for p, g, k in prompts], params
+    )
+    grids = set()
+    for (prompt, group, kwargs), output in zip(prompts, outputs):
+        expected_ids, expected_tokens = transformers_greedy(model, processor, prompt, group, **kwargs)
+        grids.update(map(tuple, processor.image_processor(group, **kwargs)["slice_grid"].tolist()))
+        assert output.prompt_token_ids == expected_ids
+        assert list(output.outputs[0].token_ids) == expected_tokens, prompt
+    assert (0, 0) in grids and len(grids) >= 5  # unsliced images and many slice layouts were served
+
+
+def test_max_slice_nums_per_request(served):
+    llm, model, processor = served
+    prompt, group, _ = requests(processor)[8]  # 1500 x 1100: six slices by default
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+    outputs = llm.generate(
+        [
+            {"prompt": prompt, "multi_modal_data": {"image": group}, "mm_processor_kwargs": {"max_slice_nums": n}}
+            for n in (1, 2, 7)
+        ],
+        params,
+    )
+    lengths = []
+    for n, output in zip((1, 2, 7), outputs):
+        expected_ids, expected_tokens = transformers_greedy(model, processor, prompt, group, max_slice_nums=n)
+        assert output.prompt_token_ids == expected_ids
+        assert list(output.outputs[0].token_ids) == expected_tokens
+        lengths.append(len(expected_ids))
+    assert lengths[0] < lengths[1] < lengths[2]
