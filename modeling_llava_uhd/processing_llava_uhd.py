@@ -244,6 +244,29 @@ class LlavaUhdProcessor(ProcessorMixin):
         options["truncation"] = options["truncation"] not in (None, False, "do_not_truncate")
         return options, flags
 
+    def retokenize(self, input_ids: list[int]) -> list[int]:
+        """The ids of a prompt tokenized as one text (as serving engines such as vLLM do) made the ids this processor
+        gives: the text after each `<image>` tokenized as a text of its own, as the reference does (with the release's
+        `legacy=False` sentencepiece tokenizer, it starts with the dummy prefix `▁` only then). The ids before the first
+        `<image>` are kept. Each piece's text is read back from its ids (decoded from its `<image>` on, so the decoder
+        drops no space; a leading space is the tokenizer's own prefix when the text without it gives the same ids); a
+        piece whose text cannot be read back exactly is kept as it came."""
+        image = self.image_token_id
+        starts = [index for index, token in enumerate(input_ids) if token == image]
+        ids = list(input_ids[: starts[0]] if starts else input_ids)
+        for start, end in zip(starts, [*starts[1:], len(input_ids)]):
+            piece = list(input_ids[start:end])
+            text = self.tokenizer.decode(piece, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            text = text[len(self.image_token) :]
+            candidates = [text, text[1:]] if text.startswith(" ") else [text]
+            read = [
+                t
+                for t in candidates
+                if self.tokenizer(self.image_token + t, add_special_tokens=False)["input_ids"] == piece
+            ]
+            ids += [image, *self.tokenizer(read[0], add_special_tokens=False)["input_ids"]] if read else piece
+        return ids
+
     def _get_num_multimodal_tokens(self, image_sizes: list[list[int]] | None = None, **kwargs) -> MultiModalData:
         """Tokens each image of `(height, width)` stands for in the sequence (its schema, separators included) and its
         crops, with this call's image keywords (`max_slice_nums`, `max_image_size`)."""

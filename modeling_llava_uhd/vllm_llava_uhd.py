@@ -107,6 +107,11 @@ class LlavaUhdMultiModalProcessor(BaseMultiModalProcessor[LlavaUhdProcessingInfo
     placeholders); each `<image>` of the prompt becomes the processor's `schema_ids`, of which only the image tokens
     take image features (the separators are text)."""
 
+    def _postprocess_prompt(self, prompt: list[int]) -> list[int]:
+        """vLLM tokenizes the prompt as one text; the reference tokenizes the text after each `<image>` on its own
+        (with Vicuna's `legacy=False` tokenizer that text starts with `▁`): `LlavaUhdProcessor.retokenize`."""
+        return self.info.get_hf_processor().retokenize(prompt)
+
     def _get_hf_mm_text(self, mm_counts: Mapping[str, int]) -> str:
         return self.dummy_inputs.get_dummy_text(mm_counts)
 

@@ -6,6 +6,7 @@ Runs where vLLM is installed (`.ci/vllm.sh` builds that environment); skipped el
 
 import gc
 import os
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,13 @@ from tiny import gradient, make_config, make_processor, photo
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from vllm import LLM, SamplingParams
 
-from modeling_llava_uhd import LlavaUhdForConditionalGeneration, default_model_path
+from conversion.convert_llava_uhd import prepare_tokenizer
+from modeling_llava_uhd import (
+    LlavaUhdForConditionalGeneration,
+    LlavaUhdImageProcessor,
+    LlavaUhdProcessor,
+    default_model_path,
+)
 
 MAX_TOKENS = 8
 # (width, height): unsliced small images, square, wide and tall strips, large photos (pre-resized, up to 7 slices).
@@ -81,7 +88,24 @@ def engine(folder) -> LLM:
     )
 
 
-@pytest.fixture(scope="module", params=["spatial_resampler", "resampler", "default model"])
+def vicuna_model_and_processor() -> tuple[LlavaUhdForConditionalGeneration, LlavaUhdProcessor]:
+    """A tiny random model with Vicuna's real sentencepiece tokenizer (the release's `legacy=False`), whose prompts
+    vLLM tokenizes differently from the reference unless the plugin retokenizes them."""
+    tokenizer = prepare_tokenizer(Path(__file__).parent / "fixtures" / "vicuna_tokenizer")
+    processor = LlavaUhdProcessor(image_processor=LlavaUhdImageProcessor(), tokenizer=tokenizer, num_queries=16)
+    torch.manual_seed(0)
+    config = make_config(vocab_size=len(tokenizer), image_token_id=processor.image_token_id)
+    config.text_config.update(
+        {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": tokenizer.pad_token_id, "num_attention_heads": 2}
+    )
+    config.text_config.num_key_value_heads = 2
+    config.text_config.head_dim = config.text_config.hidden_size // 2
+    model = LlavaUhdForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, processor
+
+
+@pytest.fixture(scope="module", params=["spatial_resampler", "resampler", "vicuna tokenizer", "default model"])
 def served(request, tmp_path_factory):
     """(vLLM engine, transformers model, processor) of one model, the engine shared by the module's tests."""
     if request.param == "default model":
@@ -89,8 +113,11 @@ def served(request, tmp_path_factory):
         model = AutoModelForImageTextToText.from_pretrained(folder).eval()
         processor = AutoProcessor.from_pretrained(folder)
     else:
-        folder = tmp_path_factory.mktemp(request.param)
-        model, processor = tiny_model(request.param), make_processor(num_queries=16)
+        folder = tmp_path_factory.mktemp(request.param.replace(" ", "_"))
+        if request.param == "vicuna tokenizer":
+            model, processor = vicuna_model_and_processor()
+        else:
+            model, processor = tiny_model(request.param), make_processor(num_queries=16)
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
     llm = engine(folder)
