@@ -138,6 +138,13 @@ def best_pooling_size(height: int, width: int) -> tuple[int, int]:
     return best
 
 
+def never_generated(image_token_id: int, eos_token_id: int | list[int] | None, pad_token_id: int | None) -> set[int]:
+    """Tokens generation must not emit: the image token (no image stands behind it) and the pad token, unless it
+    also ends sequences."""
+    ends = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])
+    return {image_token_id} | ({pad_token_id} - ends - {None})
+
+
 def images_from_patches(patches: torch.Tensor, height: int, width: int, patch: int) -> torch.Tensor:
     """Same-shape crops as `LlavaUhdImageProcessor` packs them, `[crops, height * width, 3 * patch * patch]` (patches
     row-major, each channel-first), back to images `[crops, 3, height * patch, width * patch]`."""
@@ -412,10 +419,11 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
         Crops are grouped by patch grid: one vision-tower forward (positions interpolated to the grid) per distinct
         shape, which stops after the layer that gives hidden state `vision_feature_layer` (its layer list is cut for
         the call, see `cuttable_layers`; towers whose layers are not one such list run whole). Its patch features (a
-        class token, when the tower has one, dropped) feed the resampler. Returns `last_hidden_state` `[crops, num_queries, hidden]` and `pooler_output`:
-        one `[crops_of_image * num_queries, hidden]` tensor per image, crops in schema order (slices row-major, then
-        the overview). With `output_hidden_states` / `output_attentions`, `hidden_states[layer][crop]` and
-        `attentions[layer][crop]` hold the tower's own outputs for each crop (crops differ in length).
+        class token, when the tower has one, dropped) feed the resampler. Returns `last_hidden_state`
+        `[crops, num_queries, hidden]` and `pooler_output`: one `[crops_of_image * num_queries, hidden]` tensor per
+        image, crops in schema order (slices row-major, then the overview). With `output_hidden_states` /
+        `output_attentions`, `hidden_states[layer][crop]` and `attentions[layer][crop]` hold the tower's own outputs
+        for each crop (crops differ in length).
         """
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         num_states = self.config.vision_config.num_hidden_layers + 1  # the embeddings, then every layer's output
@@ -581,10 +589,11 @@ class LlavaUhdForConditionalGeneration(LlavaUhdPreTrainedModel, GenerationMixin)
         """[`GenerationMixin.generate`] that never emits the image token, nor the pad token (unless it is an end of
         sequence), in any decoding mode: they are added to `suppress_tokens`."""
         config = generation_config if generation_config is not None else self.generation_config
-        ends = kwargs.get("eos_token_id", config.eos_token_id)
-        ends = set(ends if isinstance(ends, (list, tuple)) else [ends])
-        pad = kwargs.get("pad_token_id", config.pad_token_id)
-        blocked = {self.config.image_token_id} | ({pad} - ends - {None})
+        blocked = never_generated(
+            self.config.image_token_id,
+            kwargs.get("eos_token_id", config.eos_token_id),
+            kwargs.get("pad_token_id", config.pad_token_id),
+        )
         already = kwargs.get("suppress_tokens") or config.suppress_tokens or []
         kwargs["suppress_tokens"] = sorted(blocked | set(already))
         return super().generate(*args, generation_config=generation_config, **kwargs)

@@ -185,11 +185,16 @@ class LlavaUhdProcessor(ProcessorMixin):
         for sample, (ids, sample_map) in enumerate(zip(encoded_ids, encoded_offsets)):
             sample_ids, sample_offsets, sample_types = [], [], []
             for token, offset in zip(ids, sample_map):
-                expanded = self.schema_ids(*grids[image_index]) if token == self.image_token_id else [token]
-                image_index += token == self.image_token_id
-                sample_ids += expanded
-                sample_offsets += [(0, 0)] * len(expanded) if token == self.image_token_id else [tuple(offset)]
-                sample_types += [int(token == self.image_token_id)] * len(expanded)
+                if token == self.image_token_id:
+                    schema = self.schema_ids(*grids[image_index])
+                    image_index += 1
+                    sample_ids += schema
+                    sample_offsets += [(0, 0)] * len(schema)
+                    sample_types += [1] * len(schema)
+                else:
+                    sample_ids.append(token)
+                    sample_offsets.append(tuple(offset))
+                    sample_types.append(0)
             kept = slice(None)
             max_length = options["max_length"]
             if options["truncation"] and max_length is not None and len(sample_ids) > max_length:
@@ -264,7 +269,7 @@ class LlavaUhdProcessor(ProcessorMixin):
                 for t in candidates
                 if self.tokenizer(self.image_token + t, add_special_tokens=False)["input_ids"] == piece
             ]
-            ids += [image, *self.tokenizer(read[0], add_special_tokens=False)["input_ids"]] if read else piece
+            ids += self._tokenize([self.image_token + read[0]], False, False)[0][0] if read else piece
         return ids
 
     def _get_num_multimodal_tokens(self, image_sizes: list[list[int]] | None = None, **kwargs) -> MultiModalData:

@@ -36,7 +36,7 @@ from vllm.multimodal.processing import (
 )
 from vllm.sequence import IntermediateTensors
 
-from .modeling_llava_uhd import LlavaUhdResampler, crops_by_shape, resize_position_table
+from .modeling_llava_uhd import LlavaUhdResampler, crops_by_shape, never_generated, resize_position_table
 from .processing_llava_uhd import LlavaUhdProcessor
 
 
@@ -196,9 +196,11 @@ class LlavaUhdForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP
             )
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
         # As the transformers model's `generate`: never the image token, nor a pad token that does not end sequences.
-        ends = text_config.eos_token_id if isinstance(text_config.eos_token_id, list) else [text_config.eos_token_id]
-        pad = getattr(text_config, "pad_token_id", None)
-        self.suppressed_tokens = sorted({config.image_token_id} | ({pad} - set(ends) - {None}))
+        self.suppressed_tokens = sorted(
+            never_generated(
+                config.image_token_id, text_config.eos_token_id, getattr(text_config, "pad_token_id", None)
+            )
+        )
 
     def _encode_crops(self, pixel_values: torch.Tensor, image_grid_hw: torch.Tensor) -> torch.Tensor:
         """Packed crops -> `[crops, num_queries, hidden]`: one CLIP forward (up to the feature layer, class token
