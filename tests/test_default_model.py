@@ -154,6 +154,7 @@ def test_concurrent_callers_assemble_and_repair_safely(tmp_path):
     assert_whole(Path(folder))
 
 
+@pytest.mark.slow
 def test_reported_accuracy_is_reproduced_and_slicing_wins(folder):
     pairs = recipe.predict(folder, recipe.SUBSET)
     reported = EVALUATION["slices"][f"accuracy_first_{recipe.SUBSET}"]

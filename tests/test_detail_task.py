@@ -84,6 +84,7 @@ def test_accuracy_is_exact_match_overall_and_per_expected_pattern():
     assert recipe.accuracy([("bars", "bars")]) == {"all": 1.0, "bars": 1.0}  # patterns never expected are left out
 
 
+@pytest.mark.slow
 def test_training_recipe_runs_end_to_end_on_a_few_images(tmp_path, monkeypatch):
     """`python -m training.default_model` in small: data, fresh start checkpoints, both runs through `training.sft`,
     evaluation of both."""

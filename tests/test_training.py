@@ -87,6 +87,7 @@ def stage1(tmp_path_factory, data) -> SimpleNamespace:
     )
 
 
+@pytest.mark.slow
 def test_stage1_builds_a_fresh_model_and_trains_only_the_resampler(stage1):
     resampler = {key for key in stage1.before if component_of(key) == "resampler"}
     assert stage1.trainable == resampler - {"model.resampler.pos_embed"}  # the sin-cos table is a fixed buffer
@@ -103,6 +104,7 @@ def test_stage1_builds_a_fresh_model_and_trains_only_the_resampler(stage1):
     assert (stage1.output_dir / "modeling_llava_uhd.py").is_file()  # the remote code travels with the model
 
 
+@pytest.mark.slow
 def test_stage2_from_stage1_learns_with_the_vit_frozen(tmp_path, data, stage1):
     trainer, printed = run(
         "stage2_finetune.yaml",
@@ -127,6 +129,7 @@ def test_stage2_from_stage1_learns_with_the_vit_frozen(tmp_path, data, stage1):
     assert not torch.equal(start["lm_head.weight"], end["lm_head.weight"])
 
 
+@pytest.mark.slow
 def test_lora_adapter_reloads_and_merges_to_the_same_logits(tmp_path, data, stage1):
     trainer, printed = run(
         "stage2_lora.yaml",
@@ -166,6 +169,7 @@ def test_lora_adapter_reloads_and_merges_to_the_same_logits(tmp_path, data, stag
         torch.testing.assert_close(merged(**inputs).logits, expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_resuming_from_a_checkpoint_continues_exactly(tmp_path, data, stage1):
     common = ["--model_name_or_path", str(stage1.output_dir), "--max_steps", "4", "--learning_rate", "1e-3", *data]
     saving = ["--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "2"]
@@ -214,6 +218,7 @@ def test_recipes_give_the_paper_hyperparameters_on_8_gpus():
     assert "LlavaUhdResampler" in launch.fsdp_config["fsdp_transformer_layer_cls_to_wrap"]
 
 
+@pytest.mark.slow
 def test_accelerate_launch_trains_on_two_processes(tmp_path, data, stage1):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
