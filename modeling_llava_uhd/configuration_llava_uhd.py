@@ -3,7 +3,7 @@
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
-from transformers import CONFIG_MAPPING, AutoConfig, PreTrainedConfig
+from transformers import CONFIG_MAPPING, AutoConfig, PreTrainedConfig, __version__
 
 # Default queries per crop of each compression module (REFERENCE: release 12x12, paper 8x8).
 DEFAULT_NUM_QUERIES = {"spatial_resampler": 144, "resampler": 64}
@@ -72,11 +72,9 @@ class LlavaUhdConfig(PreTrainedConfig):
         if self.text_config is None:
             self.text_config = {"model_type": DEFAULT_TEXT_MODEL_TYPE}
         if isinstance(self.vision_config, dict):
-            vision = {"model_type": DEFAULT_VISION_CONFIG["model_type"], **self.vision_config}
-            self.vision_config = CONFIG_MAPPING[vision["model_type"]](**vision)
+            self.vision_config = _sub_config("vision_config", self.vision_config, DEFAULT_VISION_CONFIG["model_type"])
         if isinstance(self.text_config, dict):
-            text = {"model_type": DEFAULT_TEXT_MODEL_TYPE, **self.text_config}
-            self.text_config = CONFIG_MAPPING[text["model_type"]](**text)
+            self.text_config = _sub_config("text_config", self.text_config, DEFAULT_TEXT_MODEL_TYPE)
         super().__post_init__(**kwargs)
         if self.projector_type not in DEFAULT_NUM_QUERIES:
             raise ValueError(
@@ -97,6 +95,21 @@ class LlavaUhdConfig(PreTrainedConfig):
         if hidden_size % 4:
             raise ValueError(f"The text hidden size must be a multiple of 4 for the 2-D sin-cos table, got {hidden_size}.")
         self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
+
+
+def _sub_config(name: str, values: dict, default_model_type: str) -> PreTrainedConfig:
+    """`values` as the config of its `model_type` (`default_model_type` when it has none); an unknown type is refused
+    by name."""
+    values = {"model_type": default_model_type, **values}
+    model_type = values["model_type"]
+    if model_type not in CONFIG_MAPPING:
+        part = "language model" if name == "text_config" else "vision tower"
+        raise ValueError(
+            f"`{name}.model_type` {model_type!r} is not a model type of transformers {__version__}: LLaVA-UHD's "
+            f"{part} must be a transformers model (such as {default_model_type!r}), or one registered with "
+            "`AutoConfig.register`."
+        )
+    return CONFIG_MAPPING[model_type](**values)
 
 
 __all__ = ["LlavaUhdConfig"]

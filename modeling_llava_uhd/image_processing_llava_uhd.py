@@ -18,8 +18,9 @@ from transformers.utils import TensorType
 
 ImageLike = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 
-# PIL modes holding more than 8 bits per pixel: scaled to 8 bits instead of clipped by `convert("RGB")`.
-_WIDE_MODES = {"I;16": 257.0, "I;16L": 257.0, "I;16B": 257.0, "I;16N": 257.0, "I": 257.0, "F": 1.0}
+# PIL integer modes holding more than 8 bits per pixel: scaled to 8 bits instead of clipped by `convert("RGB")`. A
+# float ("F") image is read as the float array it is (values in [0, 1]).
+_WIDE_MODES = {"I;16": 257.0, "I;16L": 257.0, "I;16B": 257.0, "I;16N": 257.0, "I": 257.0}
 EXIF_ORIENTATION = 0x0112
 URL_TIMEOUT = 60
 
@@ -238,7 +239,8 @@ class LlavaUhdImageProcessor(BaseImageProcessor):
         """Slice, resize, normalise and pack one image or a (nested) list of images.
 
         Args:
-            images: PIL images, `uint8`/float (in [0, 1]) arrays or tensors (HWC or CHW), or local paths / URLs.
+            images: PIL images (float `F` images in [0, 1]), `uint8`/float (in [0, 1]) arrays or tensors (HWC or
+                CHW), or local paths / URLs.
             kwargs: this call's values of `max_slice_nums` (a token budget), `max_image_size`,
                 `apply_exif_orientation`, `do_rescale`, `rescale_factor`, `do_normalize`, `image_mean`, `image_std`
                 (`None`: the processor's), `input_data_format` (where an array's channels are) and `return_tensors`
@@ -364,7 +366,9 @@ def _to_rgb(image: ImageLike, index: int, exif_orientation: bool, layout: str | 
         raise ValueError(f"{name} is empty: {image.width}x{image.height} pixels.")
     if exif_orientation and image.getexif().get(EXIF_ORIENTATION, 1) != 1:
         image = ImageOps.exif_transpose(image)
-    if image.mode in _WIDE_MODES:
+    if image.mode == "F":
+        image = _array_to_pil(np.asarray(image), f"{name} (PIL mode 'F')")
+    elif image.mode in _WIDE_MODES:
         scaled = np.asarray(image, dtype=np.float64) / _WIDE_MODES[image.mode]
         image = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
     return image if image.mode == "RGB" else image.convert("RGB")

@@ -392,6 +392,10 @@ class LlavaUhdPreTrainedModel(PreTrainedModel):
 class LlavaUhdModel(LlavaUhdPreTrainedModel):
     """LLaVA-UHD without a language modeling head: vision tower, resampler and language model."""
 
+    # Whether a `generate` call running now gave the `max_position_embeddings` warning (`None`: no call runs, and
+    # every forward past the limit warns).
+    _positions_warned: bool | None = None
+
     def __init__(self, config: LlavaUhdConfig):
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
@@ -409,8 +413,8 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
-        image_grid_hw: torch.Tensor,
-        slice_grid: torch.Tensor,
+        image_grid_hw: torch.Tensor | None = None,
+        slice_grid: torch.Tensor | None = None,
         vision_feature_layer: int | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
@@ -423,8 +427,11 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
         `[crops, num_queries, hidden]` and `pooler_output`: one `[crops_of_image * num_queries, hidden]` tensor per
         image, crops in schema order (slices row-major, then the overview). With `output_hidden_states` /
         `output_attentions`, `hidden_states[layer][crop]` and `attentions[layer][crop]` hold the tower's own outputs
-        for each crop (crops differ in length).
+        for each crop (crops differ in length). `image_grid_hw` and `slice_grid` are required (they are optional only
+        so that their absence is reported as such, also when `generate` encodes the images).
         """
+        if image_grid_hw is None or slice_grid is None:
+            raise ValueError("`pixel_values` needs the `image_grid_hw` and `slice_grid` of the image processor.")
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         num_states = self.config.vision_config.num_hidden_layers + 1  # the embeddings, then every layer's output
         if not -num_states <= layer < num_states:
@@ -510,6 +517,9 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
         cache = _cache_argument(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        name, tokens = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds[..., 0])
+        if tokens.numel() == 0:
+            raise ValueError(f"`{name}` holds no tokens (shape {tuple(tokens.shape)}): a prompt needs at least one.")
         if pixel_values is not None and mm_encoder_outputs is not None:
             raise ValueError("Pass either `pixel_values` or pre-computed `mm_encoder_outputs`, not both.")
         if inputs_embeds is None:
@@ -517,8 +527,6 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
 
         image_outputs = (mm_encoder_outputs or {}).get("image")
         if image_outputs is None and pixel_values is not None:
-            if image_grid_hw is None or slice_grid is None:
-                raise ValueError("`pixel_values` needs the `image_grid_hw` and `slice_grid` of the image processor.")
             image_outputs = self.get_image_features(pixel_values, image_grid_hw, slice_grid, return_dict=True)
 
         # Without images, `<image>` tokens are embedded as the text tokens they are (as transformers' LLaVA models do:
@@ -539,12 +547,14 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
 
         length = inputs_embeds.shape[1] + (cache.get_seq_length() if cache is not None else 0)
         limit = getattr(self.config.text_config, "max_position_embeddings", None)
-        if limit is not None and length > limit:
-            logger.warning_once(
+        if limit is not None and length > limit and not self._positions_warned:
+            logger.warning(
                 f"The sequence has {length} positions, more than the {limit} the language model was trained with "
                 "(`max_position_embeddings`): outputs past that are unreliable. Shorten the prompt, pass fewer "
                 "images or lower `max_slice_nums`."
             )
+            if self._positions_warned is not None:  # within `generate`: once per call, not once per token
+                self._positions_warned = True
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -587,7 +597,8 @@ class LlavaUhdForConditionalGeneration(LlavaUhdPreTrainedModel, GenerationMixin)
 
     def generate(self, *args, generation_config=None, **kwargs):
         """[`GenerationMixin.generate`] that never emits the image token, nor the pad token (unless it is an end of
-        sequence), in any decoding mode: they are added to `suppress_tokens`."""
+        sequence), in any decoding mode: they are added to `suppress_tokens`. A sequence longer than
+        `max_position_embeddings` is warned about once per call."""
         config = generation_config if generation_config is not None else self.generation_config
         blocked = never_generated(
             self.config.image_token_id,
@@ -596,7 +607,11 @@ class LlavaUhdForConditionalGeneration(LlavaUhdPreTrainedModel, GenerationMixin)
         )
         already = kwargs.get("suppress_tokens") or config.suppress_tokens or []
         kwargs["suppress_tokens"] = sorted(blocked | set(already))
-        return super().generate(*args, generation_config=generation_config, **kwargs)
+        self.model._positions_warned = False
+        try:
+            return super().generate(*args, generation_config=generation_config, **kwargs)
+        finally:
+            self.model._positions_warned = None
 
     @can_return_tuple
     def forward(

@@ -3,8 +3,9 @@
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import ImageInput
 from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, Unpack
+from transformers.tokenization_utils_base import LARGE_INTEGER
 
-from .image_processing_llava_uhd import LlavaUhdImageProcessorKwargs
+from .image_processing_llava_uhd import LlavaUhdImageProcessorKwargs, _check_positive_int
 
 # Vicuna v1 (LLaVA-1.5) conversation format. It starts with the BOS, as the reference's samples do (the processor adds
 # it once, so TRL's `add_special_tokens=False` and a plain processor call agree). `<image>` is followed by "\n" unless
@@ -149,10 +150,11 @@ class LlavaUhdProcessor(ProcessorMixin):
         Images are matched to `<image>` placeholders in order: either a flat list over the whole batch, or one list per
         text. Keywords are merged as transformers' processors merge them (`text_kwargs` / `images_kwargs` or flat, the
         tokenizer's own settings as defaults, a keyword given twice refused, an unknown one warned about and ignored):
-        the text ones are `padding`, `truncation` (with `max_length`; it refuses to cut through an image's tokens),
-        `pad_to_multiple_of`, `padding_side`, `add_special_tokens`, `return_attention_mask`, `return_offsets_mapping`,
-        `return_text_replacement_offsets`, `return_mm_token_type_ids`; the image ones are
-        [`LlavaUhdImageProcessor`]'s (`max_slice_nums` trades detail for tokens).
+        the text ones are `padding`, `truncation` (to `max_length`, by default the tokenizer's `model_max_length`, as
+        the tokenizer does; it refuses to cut through an image's tokens), `pad_to_multiple_of`, `padding_side`,
+        `add_special_tokens`, `return_attention_mask`, `return_offsets_mapping`, `return_text_replacement_offsets`,
+        `return_mm_token_type_ids`; the image ones are [`LlavaUhdImageProcessor`]'s (`max_slice_nums` trades detail
+        for tokens).
 
         Returns:
             `BatchFeature` with `input_ids`, `attention_mask` and, when there are images, `pixel_values`,
@@ -163,6 +165,8 @@ class LlavaUhdProcessor(ProcessorMixin):
         texts = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("`text` must be a string or a list of strings.")
+        if not texts:
+            raise ValueError("`text` is an empty list: pass at least one prompt.")
         merged = self._merge_kwargs(
             LlavaUhdProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
         )
@@ -237,7 +241,8 @@ class LlavaUhdProcessor(ProcessorMixin):
 
     def _text_options(self, merged: dict) -> tuple[dict, dict]:
         """The text keywords this processor applies (with their defaults) and the output flags, from merged kwargs;
-        text keywords that cannot apply to an expanded sequence are refused."""
+        text keywords that cannot apply to an expanded sequence are refused. As the tokenizer, `max_length` defaults to
+        its `model_max_length` (when that is set) for truncation and `padding="max_length"`."""
         text_kwargs = dict(merged["text_kwargs"])
         flags = {key: bool(text_kwargs.pop(key, merged.get(key))) for key in OUTPUT_FLAGS}
         options = {key: text_kwargs.pop(key, default) for key, default in TEXT_OPTIONS.items()}
@@ -247,6 +252,12 @@ class LlavaUhdProcessor(ProcessorMixin):
         for key in ("padding", "truncation"):  # PaddingStrategy / TruncationStrategy, or their string values
             options[key] = getattr(options[key], "value", options[key])
         options["truncation"] = options["truncation"] not in (None, False, "do_not_truncate")
+        for key in ("max_length", "pad_to_multiple_of"):
+            if options[key] is not None:
+                _check_positive_int(key, options[key])
+        limit = self.tokenizer.model_max_length
+        if options["max_length"] is None and (options["truncation"] or options["padding"] == "max_length"):
+            options["max_length"] = limit if limit <= LARGE_INTEGER else None
         return options, flags
 
     def retokenize(self, input_ids: list[int]) -> list[int]:
@@ -316,6 +327,7 @@ class LlavaUhdProcessor(ProcessorMixin):
             return list(zip(ids, maps))
 
         heads = encode([pieces[0] for pieces in chunks], add_special_tokens)
+        adds_bos = add_special_tokens and self.tokenizer("")["input_ids"][:1] == [bos_id]
         tails = iter(encode([piece for pieces in chunks for piece in pieces[1:]], False))
         all_ids, all_offsets, all_spans = [], [], []
         for pieces, lead, head in zip(chunks, leading_bos, heads):
@@ -331,7 +343,9 @@ class LlavaUhdProcessor(ProcessorMixin):
                 # Offsets into the whole text; tokens of no characters (the dummy prefix, specials) point nowhere.
                 offsets += [(position + a, position + b) if b > a else (0, 0) for a, b in chunk_offsets]
                 position += len(piece) + len(self.image_token)
-            if lead and ids[:1] != [bos_id]:
+            if lead:  # the BOS written in the text, in place of the one the tokenizer added
+                if adds_bos:
+                    ids, offsets = ids[1:], offsets[1:]
                 ids, offsets = [bos_id, *ids], [(0, len(bos)), *offsets]
             all_ids.append(ids)
             all_offsets.append(offsets)
@@ -385,7 +399,7 @@ class LlavaUhdProcessor(ProcessorMixin):
             target = max(lengths, default=0)
         elif padding == "max_length":
             if max_length is None:
-                raise ValueError("`padding='max_length'` needs `max_length`.")
+                raise ValueError("`padding='max_length'` needs `max_length`: the tokenizer has no `model_max_length`.")
             target = max_length
         elif padding in (False, None, "do_not_pad"):
             target = None

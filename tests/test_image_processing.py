@@ -285,6 +285,7 @@ INPUT_KINDS = {  # name: (make the input, make the equivalent RGB PIL image)
     "mode_P": (lambda p: RGB.quantize(64), lambda: RGB.quantize(64).convert("RGB")),
     "mode_CMYK": (lambda p: RGB.convert("CMYK"), lambda: RGB.convert("CMYK").convert("RGB")),
     "mode_I;16": (lambda p: Image.fromarray(WIDE), lambda: WIDE_AS_RGB),
+    "mode_F": (lambda p: Image.fromarray((np.asarray(GRAY) / 255).astype(np.float32)), lambda: GRAY.convert("RGB")),
     "file_I;16_png": (lambda p: _saved(p, Image.fromarray(WIDE), "wide.png"), lambda: WIDE_AS_RGB),
     "file_P_gif": (lambda p: _saved(p, RGB.quantize(64), "a.gif"), lambda: RGB.quantize(64).convert("RGB")),
 }
@@ -343,6 +344,23 @@ def test_input_data_format_says_where_the_channels_are():
     assert not torch.equal(RAW(array)["pixel_values"], first["pixel_values"])
     with pytest.raises(ValueError, match="`input_data_format` must be 'channels_first' or 'channels_last'"):
         RAW(array, input_data_format="chw")
+
+
+def test_normalisation_is_the_references_arithmetic_bit_for_bit():
+    """Every 8-bit value normalised exactly as the reference's `CLIPImageProcessor` (transformers 4.37) computes it:
+    `uint8 * (1 / 255)` in float64, cast to float32, then `(x - mean) / std` in float32 with float32 mean and std.
+    A 336x336 image is one unsliced crop that no resize touches, so its pixels reach the table unchanged."""
+    values = np.arange(336 * 336) % 256
+    channels = np.stack([values, values[::-1], (values * 7) % 256], -1).astype(np.uint8)
+    image = Image.fromarray(channels.reshape(336, 336, 3))
+    pixels = RAW(image)["pixel_values"].view(24, 24, 3, 14, 14).permute(2, 0, 3, 1, 4).reshape(3, 336, 336).numpy()
+    rescaled = (np.asarray(image) * (1 / 255)).astype(np.float32)
+    expected = (rescaled - CLIP_MEAN.astype(np.float32)) / CLIP_STD.astype(np.float32)
+    assert expected.dtype == np.float32
+    assert np.array_equal(pixels, expected.transpose(2, 0, 1))
+
+    red = RAW(Image.new("RGB", (336, 336), (48, 48, 48)))["pixel_values"].view(576, 3, 196)[:, 0]
+    assert torch.equal(red, torch.full_like(red, -1.0915381))  # float32 arithmetic on 48 / 255 gives -1.091538
 
 
 def test_normalisation_keywords_are_honoured():
@@ -410,6 +428,11 @@ BAD_INPUTS = {  # name: (make the input, exception, message after "images[1]")
     "int64_array": (lambda p: np.zeros((5, 5, 3), np.int64), ValueError, r" has dtype int64; expected uint8"),
     "float_255": (lambda p: np.full((5, 5, 3), 255.0), ValueError, r" is a float array; expected .*1\], got .*255"),
     "float_nan": (lambda p: np.full((5, 5), np.nan), ValueError, r" is a float array; expected values in \[0, 1\]"),
+    "mode_F_255": (
+        lambda p: Image.fromarray(np.full((5, 5), 255.0, np.float32)),
+        ValueError,
+        r" \(PIL mode 'F'\) is a float array; expected values in \[0, 1\], got range \[255.0, 255.0\]",
+    ),
     "int": (lambda p: 7, TypeError, r" must be a PIL image, a numpy array, a torch tensor or a path, got int"),
     "bytes": (lambda p: b"\x89PNG", TypeError, r" must be a PIL image, .*got bytes"),
     "none": (lambda p: None, TypeError, r" must be a PIL image, .*got NoneType"),

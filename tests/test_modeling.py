@@ -6,7 +6,7 @@ from tiny import make_model, make_processor, photo
 from transformers import GenerationMixin
 
 from modeling_llava_uhd import LlavaUhdConfig, LlavaUhdForConditionalGeneration
-from modeling_llava_uhd.modeling_llava_uhd import CACHE_NAME
+from modeling_llava_uhd.modeling_llava_uhd import CACHE_NAME, never_generated
 
 QUESTION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}]
 
@@ -85,6 +85,38 @@ def test_mismatched_image_tokens_raise(model, processor):
         model(**{**inputs, "input_ids": ids})
     with pytest.raises(ValueError, match="image_grid_hw"):
         model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"])
+
+
+@pytest.mark.parametrize("missing", [("image_grid_hw", "slice_grid"), ("image_grid_hw",), ("slice_grid",), "prompt"])
+def test_generate_gives_the_errors_forward_gives(processor, missing):
+    """Pixels without their grids, or a prompt of no tokens: `generate` (which encodes the images before its first
+    forward) stops with forward's own message, not a `TypeError` or a reshape error from deep inside."""
+    model = make_model()
+    if missing == "prompt":
+        inputs = {"input_ids": torch.empty(1, 0, dtype=torch.long)}
+        message = r"^`input_ids` holds no tokens \(shape \(1, 0\)\): a prompt needs at least one\.$"
+    else:
+        inputs = {k: v for k, v in _inputs(processor, [photo("coffee", (300, 200))]).items() if k not in missing}
+        message = r"^`pixel_values` needs the `image_grid_hw` and `slice_grid` of the image processor\.$"
+    with pytest.raises(ValueError, match=message):
+        model(**inputs)
+    with pytest.raises(ValueError, match=message):
+        model.generate(**inputs, max_new_tokens=2)
+    if missing == "prompt":
+        embeds = torch.empty(1, 0, model.config.text_config.hidden_size)
+        with pytest.raises(ValueError, match=r"^`inputs_embeds` holds no tokens \(shape \(1, 0\)\)"):
+            model(inputs_embeds=embeds)
+
+
+@pytest.mark.parametrize("part, model_type", [("text_config", "vicuna"), ("vision_config", "clip_vision")])
+def test_an_unknown_model_type_is_named(part, model_type):
+    """Not a transformers model type: the config says which part, which type, and what it must be, instead of a bare
+    `KeyError`."""
+    message = rf"^`{part}.model_type` '{model_type}' is not a model type of transformers [\d.]+\w*: LLaVA-UHD's "
+    message += "language model" if part == "text_config" else "vision tower"
+    message += r" must be a transformers model \(such as '(llama|clip_vision_model)'\)"
+    with pytest.raises(ValueError, match=message):
+        LlavaUhdConfig(**{part: {"model_type": model_type}})
 
 
 def test_inputs_embeds_path_matches_input_ids(model, processor):
@@ -236,12 +268,7 @@ def test_generation_never_emits_the_image_or_pad_token(processor, decoding):
     features were embedded as text)."""
     model = make_model()
     image_id, pad_id = model.config.image_token_id, model.generation_config.pad_token_id
-    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(model.lm_head.weight)
-        head.bias.zero_()
-        head.bias[image_id], head.bias[pad_id] = 100.0, 90.0
-    model.lm_head = head
+    favour(model, {image_id: 100.0, pad_id: 90.0})
     inputs = _inputs(processor, [photo("coffee", (300, 200))])
     with torch.no_grad():
         assert model(**inputs).logits[0, -1].topk(2).indices.tolist() == [image_id, pad_id]
@@ -252,6 +279,48 @@ def test_generation_never_emits_the_image_or_pad_token(processor, decoding):
     out = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, **decoding)
     new = out[0, inputs["input_ids"].shape[1] :].tolist()
     assert len(new) == 5 and image_id not in new and pad_id not in new
+
+
+def favour(model: LlavaUhdForConditionalGeneration, biases: dict[int, float]) -> None:
+    """Give `model` a language modeling head with `biases` on these token ids, so that its logits favour them."""
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        for token, bias in biases.items():
+            head.bias[token] = bias
+    model.lm_head = head
+
+
+def test_a_pad_that_is_also_the_eos_still_ends_generation(processor):
+    """With `pad == eos` (a common setup) the pad is an end of sequence: it is not suppressed, so generation stops."""
+    assert never_generated(7, eos_token_id=2, pad_token_id=2) == {7}
+    assert never_generated(7, eos_token_id=[5, 2], pad_token_id=2) == {7}
+    assert never_generated(7, eos_token_id=5, pad_token_id=2) == {7, 2}
+    assert never_generated(7, eos_token_id=None, pad_token_id=None) == {7}
+    model = make_model()
+    eos = model.config.text_config.eos_token_id
+    favour(model, {eos: 100.0})
+    inputs = _inputs(processor, [photo("coffee", (300, 200))])
+    out = model.generate(**inputs, max_new_tokens=5, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    assert out[0, inputs["input_ids"].shape[1] :].tolist() == [eos]  # stopped at once
+
+
+@pytest.mark.parametrize("route", ["keyword", "generation_config"])
+def test_the_callers_suppress_tokens_are_kept_beside_the_image_token(processor, route):
+    """Logits favour `<image>`, then two ordinary tokens: the image token and the caller's suppressed token are both
+    never emitted, so the third comes out."""
+    model = make_model()
+    image_id, caller, third = model.config.image_token_id, 50, 60
+    favour(model, {image_id: 100.0, caller: 90.0, third: 80.0})
+    inputs = _inputs(processor, [photo("coffee", (300, 200))])
+    if route == "keyword":
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, suppress_tokens=[caller])
+    else:
+        model.generation_config.suppress_tokens = [caller]
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert model.generation_config.suppress_tokens == [caller]  # the model's own config is left as it was
+    assert out[0, inputs["input_ids"].shape[1] :].tolist() == [third] * 3
 
 
 def test_a_sequence_past_the_position_limit_warns(processor, caplog):
@@ -348,3 +417,21 @@ def test_past_key_values_is_deprecated_where_transformers_deprecates_it(processo
     cache = getattr(model(**inputs, use_cache=True), CACHE_NAME)
     with pytest.warns(FutureWarning, match="use `cache`"):
         model(input_ids=inputs["input_ids"][:, -1:], past_key_values=cache)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_the_position_warning_is_given_once_per_generate_call(processor, caplog, use_cache):
+    """A generation that passes `max_position_embeddings` warns once per `generate` call, not once per new token."""
+    model = make_model()
+    inputs = _inputs(processor, [photo("coffee", (300, 200))])
+    model.config.text_config.max_position_embeddings = inputs["input_ids"].shape[1] + 2  # passed at the 3rd token
+    for call in (1, 2):
+        with caplog.at_level("WARNING"):
+            model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False, use_cache=use_cache)
+        warnings = [record for record in caplog.records if "the language model was trained with" in record.message]
+        assert len(warnings) == call
+    with caplog.at_level("WARNING"):
+        model(**inputs)  # within the limit: no warning
+        model(input_ids=torch.cat([inputs["input_ids"]] * 2, 1))  # past it: each forward call warns
+        model(input_ids=torch.cat([inputs["input_ids"]] * 2, 1))
+    assert sum("the language model was trained with" in record.message for record in caplog.records) == 4

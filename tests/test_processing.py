@@ -282,6 +282,55 @@ def test_truncation():
         left(images=images, text=texts, truncation=True, max_length=len(full[0]) - start - 1)
 
 
+def test_truncation_without_max_length_is_to_the_tokenizers_model_max_length():
+    """As the tokenizer: `truncation=True` (and `padding="max_length"`) without `max_length` means its
+    `model_max_length`, and cutting through an image is refused as with an explicit `max_length`."""
+    processor = make_processor(num_queries=2, max_image_size=None)
+    text = "Describe the image in detail. Count the objects. What number is written on the sign?"
+    full = processor(text=text)["input_ids"][0]
+    assert full == processor.tokenizer(text)["input_ids"]
+    processor.tokenizer.model_max_length = len(full) - 4
+    truncated = processor(text=text, truncation=True)["input_ids"][0]
+    assert truncated == full[:-4] == processor.tokenizer(text, truncation=True)["input_ids"]
+    assert processor(text=[text], truncation=True, max_length=len(full))["input_ids"][0] == full  # given: it wins
+    padded = processor(text="Hi", padding="max_length")["attention_mask"][0]
+    assert len(padded) == len(full) - 4 and padded.count(1) == len(ids_of("Hi"))
+    with pytest.raises(ValueError, match=rf"^Sample 0: truncating its \d+ tokens to max_length={len(full) - 4} would"):
+        processor(images=IMAGES[(1, 3)], text=text + " <image>", truncation=True)
+    processor.tokenizer.model_max_length = int(1e30)  # the tokenizer's "no limit": nothing is cut
+    assert processor(text=text, truncation=True)["input_ids"][0] == full
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_length": -5, "truncation": True}, "`max_length` must be a positive integer, got -5."),
+        ({"max_length": 0, "truncation": True}, "`max_length` must be a positive integer, got 0."),
+        ({"max_length": 0, "padding": "max_length"}, "`max_length` must be a positive integer, got 0."),
+        ({"max_length": 12.5, "truncation": True}, "`max_length` must be a positive integer, got 12.5."),
+        ({"pad_to_multiple_of": -8, "padding": True}, "`pad_to_multiple_of` must be a positive integer, got -8."),
+        ({"pad_to_multiple_of": 0, "padding": True}, "`pad_to_multiple_of` must be a positive integer, got 0."),
+        ({"text_kwargs": {"max_length": -1}}, "`max_length` must be a positive integer, got -1."),
+    ],
+)
+def test_bad_numbers_are_refused_by_name(kwargs: dict, message: str):
+    with pytest.raises(ValueError, match=f"^{message}$".replace(".", r"\.")):
+        PROCESSOR(text=["a short text", "a longer text than that"], **kwargs)
+
+
+def test_a_bos_written_in_the_text_has_the_same_offsets_with_or_without_special_tokens():
+    for text in ("<s>hi", "<s><s>hi", "<s>hi <image> there"):
+        images = [IMAGES[(0, 0)]] if "<image>" in text else None
+        outputs = [
+            PROCESSOR(images=images, text=text, add_special_tokens=special, return_offsets_mapping=True)
+            for special in (True, False)
+        ]
+        assert outputs[0]["input_ids"] == outputs[1]["input_ids"], text
+        assert outputs[0]["offset_mapping"] == outputs[1]["offset_mapping"], text
+        assert outputs[0]["offset_mapping"][0][0] == (0, 3), text  # the BOS is the text's "<s>"
+    assert PROCESSOR(text="<s><s>hi")["input_ids"][0] == TOKENIZER("<s><s>hi", add_special_tokens=False)["input_ids"]
+
+
 def test_padding_errors():
     processor = make_processor(num_queries=2)
     processor.tokenizer.pad_token = None
@@ -298,6 +347,8 @@ def test_padding_errors():
         PROCESSOR(images=IMAGES[(0, 0)])
     with pytest.raises(TypeError, match="`text` must be a string or a list of strings"):
         PROCESSOR(text=[["nested"]])
+    with pytest.raises(ValueError, match=r"^`text` is an empty list: pass at least one prompt\.$"):
+        PROCESSOR(text=[], return_tensors="pt")  # the tokenizer itself fails on an empty batch (IndexError)
 
 
 @pytest.mark.parametrize(

@@ -171,6 +171,19 @@ def test_sincos_table_layout():
     torch.testing.assert_close(resize_position_table(table, 12, 12), table, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("height, width", [(24, 24), (19, 29), (3, 40), (1, 1)])
+def test_a_bfloat16_position_table_is_resized_in_float32(height, width):
+    """The table is resized in float32 and rounded to bfloat16 once: a bfloat16 interpolation would move about a fifth
+    of the entries by up to a bfloat16 step."""
+    torch.manual_seed(0)
+    table = (torch.randn(144, 64) * 3).to(torch.bfloat16)
+    grid = table.float().reshape(1, 12, 12, 64).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)
+    expected = expected.permute(0, 2, 3, 1).reshape(height * width, 64).to(torch.bfloat16)
+    resized = resize_position_table(table, height, width)
+    assert resized.dtype == torch.bfloat16 and torch.equal(resized, expected)
+
+
 @pytest.fixture(scope="module")
 def recorded():
     path = FIXTURES / "resampler_reference.safetensors"

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from tiny import make_model, make_processor, photo
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from modeling_llava_uhd import LlavaUhdConfig, LlavaUhdForConditionalGeneration
 from modeling_llava_uhd import modeling_llava_uhd as modeling
@@ -114,6 +115,28 @@ def test_set_attn_implementation_reaches_the_resampler(inputs, monkeypatch):
     model.set_attn_implementation("eager")
     torch.testing.assert_close(features(model, inputs), sdpa, atol=1e-5, rtol=1e-5)
     assert "LlavaUhdResamplerAttention" in calls
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_the_resampler_runs_the_chosen_attention(inputs, monkeypatch, implementation):
+    """Eager and SDPA give equal features, so the outputs cannot tell which ran: every attention function the
+    resampler could call records it, and only the model's `attn_implementation` may."""
+    calls = []
+
+    def spy(name, function):
+        def recorded(module, *args, **kwargs):
+            if isinstance(module, LlavaUhdResamplerAttention):
+                calls.append(name)
+            return function(module, *args, **kwargs)
+
+        return recorded
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", spy("sdpa", ALL_ATTENTION_FUNCTIONS["sdpa"]))
+    monkeypatch.setattr(modeling, "eager_attention_forward", spy("eager", modeling.eager_attention_forward))
+    model = make_model()
+    model.set_attn_implementation(implementation)
+    features(model, inputs)
+    assert calls and set(calls) == {implementation}
 
 
 def test_constants_from_inference_mode_are_not_reused_by_autograd(inputs):
