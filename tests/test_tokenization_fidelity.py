@@ -168,7 +168,8 @@ def test_added_tokens_keep_their_ids(tmp_path, form):
 
     expected = AutoTokenizer.from_pretrained(folder)  # transformers' own loader
     tokenizer = prepare_tokenizer(folder)
-    assert tokenizer.convert_tokens_to_ids(["<im_start>", "<pad>", "<im_end>", "<image>"]) == [32000, 32001, 32002, 32003]
+    ids = tokenizer.convert_tokens_to_ids(["<im_start>", "<pad>", "<im_end>", "<image>"])
+    assert ids == [32000, 32001, 32002, 32003]
     assert tokenizer.pad_token_id == expected.pad_token_id == 32001
     contents = lambda t: {i: (str(a), a.special) for i, a in t.added_tokens_decoder.items() if i < 32003}  # noqa: E731
     assert contents(tokenizer) == contents(expected)
