@@ -122,7 +122,7 @@ def sentencepiece_tokenizer(model_file: str | Path, settings: dict[str, Any]) ->
 
 def _legacy_added_tokens(path: str | Path, settings: dict[str, Any]) -> dict[str, dict]:
     """`added_tokens.json` (`{token: id}`, the format before `added_tokens_decoder`) as `added_tokens_decoder`
-    entries, read as transformers reads it: a token is special (and not normalized) when `settings` name it."""
+    entries, read as transformers reads it: a token is special when `settings` name it."""
     try:
         tokens = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -131,10 +131,7 @@ def _legacy_added_tokens(path: str | Path, settings: dict[str, Any]) -> dict[str
         raise TokenizerConversionError(f"{path} is not a JSON object of token: id.")
     named = [settings.get(key) for key in SPECIAL_TOKEN_KEYS]
     special = {_content(token) for value in named for token in (value if isinstance(value, list) else [value])}
-    return {
-        str(index): {"content": token, "special": token in special, "normalized": token not in special}
-        for token, index in tokens.items()
-    }
+    return {str(index): {"content": token, "special": token in special} for token, index in tokens.items()}
 
 
 def _add_tokens(backend: Tokenizer, decoder: dict, pieces: list[str]) -> None:
@@ -144,7 +141,10 @@ def _add_tokens(backend: Tokenizer, decoder: dict, pieces: list[str]) -> None:
     on the raw text, as the slow tokenizer matched them (after the normalizer, spaces are `▁`, which `lstrip` and
     `rstrip` would not strip)."""
     fields = ("content", "single_word", "lstrip", "rstrip", "special")
-    for index, token in sorted((int(index), token) for index, token in decoder.items()):
+    if not all(str(key).isdigit() for key in decoder):
+        raise TokenizerConversionError(f"added_tokens_decoder has keys that are not token ids: {sorted(decoder)}.")
+    for key, token in sorted(decoder.items(), key=lambda item: int(item[0])):
+        index = int(key)
         if not isinstance(token, dict) or not isinstance(token.get("content"), str):
             raise TokenizerConversionError(f"added token {index} is {token!r}; expected an AddedToken object.")
         backend.add_tokens([AddedToken(**{key: token[key] for key in fields if key in token}, normalized=False)])

@@ -173,18 +173,22 @@ def test_added_tokens_keep_their_ids(tmp_path, form):
     assert tokenizer.pad_token_id == expected.pad_token_id == 32001
     contents = lambda t: {i: (str(a), a.special) for i, a in t.added_tokens_decoder.items() if i < 32003}  # noqa: E731
     assert contents(tokenizer) == contents(expected)
+    tokenizer.save_pretrained(tmp_path / "converted")
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "converted")  # as the converted folder loads
     for text in ("<im_start>user\nHi!<im_end>\n<im_start>assistant", "a<im_start>b <pad><pad>", "x <im_end> y"):
-        assert tokenizer(text)["input_ids"] == expected(text)["input_ids"], text
+        assert tokenizer(text)["input_ids"] == expected(text)["input_ids"] == reloaded(text)["input_ids"], text
     assert tokenizer("<im_start>hi")["input_ids"] == [1, 32000, 2918]  # one token, and no dummy prefix after it
 
 
 def test_added_tokens_that_cannot_keep_their_ids_are_refused(tmp_path):
-    """3 bad inputs: an id past a gap, an id inside tokenizer.model naming another piece, an added_tokens.json that
-    is not {token: id}. transformers' loader renumbers the first two silently; the converter names them."""
+    """4 bad inputs: an id past a gap, an id inside tokenizer.model naming another piece, a key that is no id, an
+    added_tokens.json that is not {token: id}. transformers' loader renumbers the first two silently; the converter
+    names them."""
     cases = [
         ({"32000": added_token("<im_start>"), "32005": added_token("<pad>")},
          r"'<pad>' has id 32005, but would get id 32001: added ids must follow tokenizer.model's 32000 pieces"),
         ({"5": added_token("<im_start>")}, r"'<im_start>' has id 5, .* tokenizer.model gives that id to '<0x02>'"),
+        ({"first": added_token("<im_start>")}, r"added_tokens_decoder has keys that are not token ids: \['first'\]"),
     ]
     for index, (added, match) in enumerate(cases):
         folder = vicuna_variant(tmp_path / f"case{index}", drop=("added_tokens_decoder",))
