@@ -255,6 +255,22 @@ def test_tidy_tells_killed_writers_by_their_locks_not_their_process_ids(source, 
     assert (tmp_path / ".out.notes").read_text() == "not ours"
 
 
+def test_without_folder_locks_process_ids_decide(source, tmp_path, monkeypatch):
+    """Where folders cannot be locked (Windows, some network filesystems), the writer's process id decides: a dead
+    writer's folders are cleared, a live one's kept."""
+    monkeypatch.setattr(converter, "fcntl", None)
+    out = run_convert(tmp_path, source, "out")
+    before = contents(out)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out.rename(tmp_path / f".out.llava-uhd-replaced-{dead.pid}-0000")
+    (tmp_path / f".out.llava-uhd-partial-{dead.pid}-0001").mkdir()
+    alive = tmp_path / f".out.llava-uhd-partial-{os.getpid()}-0002"
+    alive.mkdir()
+    tidy_siblings(out)
+    assert contents(out) == before and hidden_siblings(out) == [alive.name]
+
+
 def test_conversion_killed_as_process_1_is_tidied(source, tmp_path):
     """The converter as process 1 of its PID namespace (as in a container), killed between moving the earlier
     conversion aside and moving the new one in: the next run (where a process 1 runs too) puts the earlier one back and
