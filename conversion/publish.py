@@ -2,8 +2,8 @@
 
     python -m conversion.publish FOLDER ORG/NAME [--public] [--dry-run]
 
-Only the files the conversion wrote (its manifest lists them) are uploaded, once the folder checks complete and its
-weights open; anything else in the folder stays local. The repo is created private unless `--public`; an existing
+Only the files the conversion wrote (its manifest lists them) are uploaded, once each is there as the conversion wrote
+it (size and sha256) and the weights open; anything else in the folder stays local. The repo is created private unless `--public`; an existing
 repo keeps its visibility. The token comes from the environment (`HF_TOKEN`) or `huggingface-cli login`.
 """
 

@@ -23,7 +23,10 @@ SPIECE_UNDERLINE = "▁"
 # sentencepiece's ModelProto.SentencePiece.Type and TrainerSpec.ModelType values.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
 BPE_MODEL = 2
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"
+)
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "additional_special_tokens")
 
 
 class TokenizerConversionError(ValueError):
@@ -41,6 +44,8 @@ def load_original_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins, as in transformers
             if files[name] is not None:
                 settings.update(json.loads(Path(files[name]).read_text(encoding="utf-8")))
+        if "added_tokens_decoder" not in settings and files["added_tokens.json"] is not None:
+            settings["added_tokens_decoder"] = _legacy_added_tokens(files["added_tokens.json"], settings)
         return sentencepiece_tokenizer(files["tokenizer.model"], settings)
     return AutoTokenizer.from_pretrained(source)
 
@@ -86,6 +91,7 @@ def sentencepiece_tokenizer(model_file: str | Path, settings: dict[str, Any]) ->
     )
     special = [piece.piece for piece in proto.pieces if piece.type in (UNKNOWN, CONTROL)]
     backend.add_special_tokens([AddedToken(token, normalized=False, special=True) for token in special])
+    _add_tokens(backend, settings.get("added_tokens_decoder") or {}, [piece.piece for piece in proto.pieces])
 
     tokens = {
         name: _content(settings.get(name)) or default
@@ -112,6 +118,46 @@ def sentencepiece_tokenizer(model_file: str | Path, settings: dict[str, Any]) ->
         add_eos_token=add_eos,
         **kept,
     )
+
+
+def _legacy_added_tokens(path: str | Path, settings: dict[str, Any]) -> dict[str, dict]:
+    """`added_tokens.json` (`{token: id}`, the format before `added_tokens_decoder`) as `added_tokens_decoder`
+    entries, read as transformers reads it: a token is special when `settings` name it."""
+    try:
+        tokens = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TokenizerConversionError(f"{path} could not be read as JSON ({error}).") from error
+    if not isinstance(tokens, dict) or not all(isinstance(i, int) for i in tokens.values()):
+        raise TokenizerConversionError(f"{path} is not a JSON object of token: id.")
+    named = [settings.get(key) for key in SPECIAL_TOKEN_KEYS]
+    special = {_content(token) for value in named for token in (value if isinstance(value, list) else [value])}
+    return {str(index): {"content": token, "special": token in special} for token, index in tokens.items()}
+
+
+def _add_tokens(backend: Tokenizer, decoder: dict, pieces: list[str]) -> None:
+    """Add the original's added tokens (`added_tokens_decoder`: id -> `AddedToken` fields) at their ids, as
+    transformers' loader keeps them: ids inside `tokenizer.model` must name its piece, the others must follow its
+    pieces without gaps (the model's embedding rows are trained per id, so nothing is renumbered). They are matched
+    on the raw text, as the slow tokenizer matched them (after the normalizer, spaces are `▁`, which `lstrip` and
+    `rstrip` would not strip)."""
+    fields = ("content", "single_word", "lstrip", "rstrip", "special")
+    if not all(str(key).isdigit() for key in decoder):
+        raise TokenizerConversionError(f"added_tokens_decoder has keys that are not token ids: {sorted(decoder)}.")
+    for key, token in sorted(decoder.items(), key=lambda item: int(item[0])):
+        index = int(key)
+        if not isinstance(token, dict) or not isinstance(token.get("content"), str):
+            raise TokenizerConversionError(f"added token {index} is {token!r}; expected an AddedToken object.")
+        backend.add_tokens([AddedToken(**{key: token[key] for key in fields if key in token}, normalized=False)])
+        given = backend.token_to_id(token["content"])
+        if given == index:
+            continue
+        if index < len(pieces):
+            reason = f"tokenizer.model gives that id to {pieces[index]!r}"
+        else:
+            reason = f"added ids must follow tokenizer.model's {len(pieces)} pieces without gaps or repeats"
+        raise TokenizerConversionError(
+            f"The original's added token {token['content']!r} has id {index}, but would get id {given}: {reason}."
+        )
 
 
 def _read_model(model_file: str | Path):

@@ -1,6 +1,7 @@
 """The converter and the publisher lose no data, never leave a half-written folder, upload only what a conversion
 wrote (privately unless asked), and report every failure in one line on stderr."""
 
+import hashlib
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import huggingface_hub
@@ -21,6 +23,46 @@ import conversion.convert_llava_uhd as converter
 from conversion.convert_llava_uhd import MANIFEST, ConversionError, converted_files, main, tidy_siblings
 from conversion.publish import main as publish_main
 
+HOLD = """
+import sys, time
+from contextlib import ExitStack
+from pathlib import Path
+from conversion.convert_llava_uhd import locked
+with ExitStack() as stack:  # a conversion that still runs holds its folders
+    assert all(stack.enter_context(locked(Path(folder))) for folder in sys.argv[1:])
+    print("holding", flush=True)
+    time.sleep(300)
+"""
+PAUSE_ASIDE = """
+import sys, time
+from pathlib import Path
+import conversion.convert_llava_uhd as converter
+rename = Path.rename
+def rename_and_pause(self, target):  # a long pause once the earlier conversion is aside: time to kill the conversion
+    moved = rename(self, target)
+    if ".llava-uhd-replaced-" in Path(target).name:
+        print("aside", flush=True)
+        time.sleep(300)
+    return moved
+Path.rename = rename_and_pause
+sys.exit(converter.main(sys.argv[1:]))
+"""
+PAUSE_MOVE = """
+import sys, time
+from pathlib import Path
+import conversion.convert_llava_uhd as converter
+rename = Path.rename
+moved = []
+def rename_and_pause(self, target):  # a long pause after 3 files went in: time to kill the conversion
+    renamed = rename(self, target)
+    moved.append(self.parent.name.startswith(".llava-uhd-moving-"))
+    if sum(moved) == 3:
+        print("moving", flush=True)
+        time.sleep(300)
+    return renamed
+Path.rename = rename_and_pause
+sys.exit(converter.main(sys.argv[1:]))
+"""
 SLOW_WRITES = """
 import sys, time
 import conversion.convert_llava_uhd as converter
@@ -182,26 +224,88 @@ def test_killed_conversion_leaves_no_half_written_output(source, tmp_path):
     assert hidden_siblings(out) == [] and converted_files(out)
 
 
-def test_tidy_puts_back_a_conversion_moved_aside(source, tmp_path):
-    """A kill between moving the earlier conversion aside and moving the new one in: the next run puts it back."""
+def test_tidy_tells_killed_writers_by_their_locks_not_their_process_ids(source, tmp_path):
+    """Folders of killed conversions are cleared even when their process id names a live process (a reused id; in a
+    container the converter is often process 1): an earlier conversion moved aside goes back, a staging folder goes.
+    Those a live writer holds are left, until it dies."""
+    out = run_convert(tmp_path, source, "out")
+    before = contents(out)
+    out.rename(tmp_path / f".out.llava-uhd-replaced-{os.getpid()}-0000")
+    (tmp_path / ".out.llava-uhd-partial-1-0001").mkdir()
+    (tmp_path / ".out.notes").write_text("not ours")
+    tidy_siblings(out)
+    assert contents(out) == before and hidden_siblings(out) == []
+
+    # A live conversion between moving the earlier one aside and moving the new one in.
+    aside = tmp_path / f".out.llava-uhd-replaced-{os.getpid()}-0002"
+    staging = tmp_path / ".out.llava-uhd-partial-1-0003"
+    out.rename(aside)
+    staging.mkdir()
+    writer = subprocess.Popen([sys.executable, "-c", HOLD, str(aside), str(staging)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert writer.stdout.readline() == "holding\n"
+        tidy_siblings(out)
+        assert not out.exists() and hidden_siblings(out) == sorted([aside.name, staging.name])
+    finally:
+        writer.kill()
+        writer.wait()
+    tidy_siblings(out)
+    assert contents(out) == before and hidden_siblings(out) == []
+    assert (tmp_path / ".out.notes").read_text() == "not ours"
+
+
+def test_without_folder_locks_process_ids_decide(source, tmp_path, monkeypatch):
+    """Where folders cannot be locked (Windows, some network filesystems), the writer's process id decides: a dead
+    writer's folders are cleared, a live one's kept."""
+    monkeypatch.setattr(converter, "fcntl", None)
     out = run_convert(tmp_path, source, "out")
     before = contents(out)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     out.rename(tmp_path / f".out.llava-uhd-replaced-{dead.pid}-0000")
     (tmp_path / f".out.llava-uhd-partial-{dead.pid}-0001").mkdir()
-    alive = tmp_path / f".out.llava-uhd-partial-{os.getpid()}-0002"  # a conversion still running
+    alive = tmp_path / f".out.llava-uhd-partial-{os.getpid()}-0002"
     alive.mkdir()
-    (tmp_path / ".out.notes").write_text("not ours")
     tidy_siblings(out)
-    assert contents(out) == before
-    assert hidden_siblings(out) == [alive.name] and (tmp_path / ".out.notes").read_text() == "not ours"
+    assert contents(out) == before and hidden_siblings(out) == [alive.name]
+
+
+def test_conversion_killed_as_process_1_is_tidied(source, tmp_path):
+    """The converter as process 1 of its PID namespace (as in a container), killed between moving the earlier
+    conversion aside and moving the new one in: the next run (where a process 1 runs too) puts the earlier one back and
+    removes the staging folder."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-p", "-f", "--mount-proc", "true"],
+                                                          capture_output=True, check=False).returncode != 0:
+        pytest.skip("PID namespaces (unshare -p) are not available here")
+    out = run_convert(tmp_path, source, "out")
+    before = contents(out)
+    process = subprocess.Popen(
+        ["unshare", "-p", "-f", "--mount-proc", "--kill-child", sys.executable, "-c", PAUSE_ASIDE,
+         *cli(source, out, "--overwrite")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert process.stdout.readline() == "aside\n"
+        [child] = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        os.kill(int(child), signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert not out.exists()
+    assert [re.sub(r"-[0-9a-f]{8}$", "", name) for name in hidden_siblings(out)] == [
+        ".out.llava-uhd-partial-1", ".out.llava-uhd-replaced-1"
+    ]
+    tidy_siblings(out)
+    assert contents(out) == before and hidden_siblings(out) == []
 
 
 def test_publish_uploads_only_a_finished_conversion(source, tmp_path, monkeypatch, capfd):
-    """Only the files the conversion wrote are listed and uploaded, to a private repo unless --public. 7 bad inputs:
-    no manifest (an interrupted or foreign folder), a missing shard, a truncated shard, a damaged shard of the same
-    size, an unreadable config.json, a missing folder, a bad repo id."""
+    """Only the files the conversion wrote are listed and uploaded, to a private repo unless --public. 10 bad inputs:
+    no manifest (an interrupted or foreign folder), a missing shard, a truncated shard, a shard with one byte of
+    tensor data flipped, a zero-filled tokenizer.json (both of the same size, caught by their hashes), a damaged shard
+    and an unreadable config.json of the same size under an older manifest (sizes only), a damaged manifest, a missing
+    folder, a bad repo id. Nothing is uploaded from a folder that fails."""
     good = run_convert(tmp_path, source, "good", max_shard_size=0.0002)
     written = sorted(p.name for p in good.iterdir())
     for name, data in {".env": b"HF_TOKEN=secret", "notes.txt": b"todo", "pytorch_model.bin": b"stale"}.items():
@@ -231,20 +335,41 @@ def test_publish_uploads_only_a_finished_conversion(source, tmp_path, monkeypatc
         change(folder)
         return folder
 
+    def flip_last_byte(path: Path) -> None:  # tensor data: the file still opens as safetensors
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 1
+        path.write_bytes(bytes(data))
+
+    def sizes_only(folder: Path) -> None:  # the manifest as converters before hashes wrote it
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+        (folder / MANIFEST).write_text(json.dumps({"files": {name: entry["size"] for name, entry in files.items()}}))
+
+    def garbage_under_sizes_only(name: str) -> Callable[[Path], None]:
+        return lambda folder: (sizes_only(folder), (folder / name).write_bytes(b"{" * (folder / name).stat().st_size))
+
     cases = [
         (damaged("no-manifest", lambda f: (f / MANIFEST).unlink()), "has no llava_uhd_conversion.json"),
         (damaged("no-shard", lambda f: (f / shard).unlink()), rf"{shard} is missing"),
         (damaged("short", lambda f: (f / shard).write_bytes((f / shard).read_bytes()[:100])),
          rf"{shard} has 100 bytes"),
-        (damaged("garbage", lambda f: (f / shard).write_bytes(b"x" * (f / shard).stat().st_size)),
-         rf"{shard} does not open as safetensors"),
-        (damaged("config", lambda f: (f / "config.json").write_bytes(b"{" * (f / "config.json").stat().st_size)),
-         "config.json could not be read as JSON"),
+        (damaged("flipped", lambda f: flip_last_byte(f / shard)), rf"{shard} differs from what the conversion wrote"),
+        (damaged("zeros", lambda f: (f / "tokenizer.json").write_bytes(bytes((f / "tokenizer.json").stat().st_size))),
+         "tokenizer.json differs from what the conversion wrote"),
+        (damaged("garbage", garbage_under_sizes_only(shard)), rf"{shard} does not open as safetensors"),
+        (damaged("config", garbage_under_sizes_only("config.json")), "config.json could not be read as JSON"),
+        (damaged("manifest", lambda f: (f / MANIFEST).write_text('{"files": {"config.json": {"size": 1}, "x": "y"}}')),
+         "llava_uhd_conversion.json is damaged"),
         (tmp_path / "nowhere", "nowhere is not a folder"),
     ]
+    calls.clear()
     for folder, match in cases:
         fails_in_one_line(capfd, [str(folder), "org/x", "--dry-run"], match, tool=publish_main)
+        fails_in_one_line(capfd, [str(folder), "org/x"], match, tool=publish_main)
     fails_in_one_line(capfd, [str(good), "not a repo", "--dry-run"], "HFValidationError", tool=publish_main)
+    assert calls == []
+    # An older manifest (sizes only) is still read.
+    sizes_only(good)
+    assert converted_files(good) == written and publish_main([str(good), "org/llava-uhd-tiny"]) == 0
 
     # The command line: one line on stderr, non-zero exit.
     result = subprocess.run([sys.executable, "-m", "conversion.publish", str(tmp_path / "no-manifest"), "org/x"],
@@ -338,3 +463,150 @@ def test_model_card_names_hub_ids_not_local_paths(source, tmp_path, monkeypatch)
     assert "base_model:\n- authors/llava-uhd-tiny\ntags:" in card
     assert "from `authors/llava-uhd-tiny`" in card and "the local folder `clip` (vision tower)" in card
     assert str(source.parent) not in card and str(tmp_path) not in card
+
+
+def test_overwrite_keeps_a_file_changed_since_the_conversion(source, tmp_path, capfd):
+    """2 bad inputs: --overwrite over a conversion whose model card was edited by hand, to the same size and to
+    another size: refused, naming the file, which stays. An older manifest (sizes only) is still read."""
+    out = run_convert(tmp_path, source, "out")
+    card = (out / "README.md").read_bytes()
+    same_size = card.replace(b"LLaVA-UHD", b"LLAVA-UHD", 1)
+    (out / "README.md").write_bytes(same_size)
+    fails_in_one_line(capfd, cli(source, out, "--overwrite"),
+                      r"--output .*out: README.md differs from what the conversion wrote \(sha256\), so --overwrite")
+    assert (out / "README.md").read_bytes() == same_size and hidden_siblings(out) == []
+
+    files = json.loads((out / MANIFEST).read_text())["files"]
+    (out / MANIFEST).write_text(json.dumps({"files": {name: entry["size"] for name, entry in files.items()}}))
+    (out / "README.md").write_bytes(card + b"\nMy notes.\n")
+    grown = rf"README.md has {len(card) + 11} bytes, not {len(card)}, so --overwrite would lose a change"
+    fails_in_one_line(capfd, cli(source, out, "--overwrite"), grown)
+    assert (out / "README.md").read_bytes() == card + b"\nMy notes.\n"
+    (out / "README.md").write_bytes(card)
+    assert main(cli(source, out, "--overwrite")) == 0
+    files = json.loads((out / MANIFEST).read_text())["files"]
+    assert files["README.md"] == {"size": len(card), "sha256": hashlib.sha256(card).hexdigest()}
+
+
+def test_files_written_into_output_during_the_conversion_survive(source, tmp_path, monkeypatch, capfd):
+    """2 changes to --output while an --overwrite conversion runs (a new file, an edited model card): the last check
+    before the move refuses, and the file and the earlier conversion stay as they are."""
+    out = run_convert(tmp_path, source, "out")
+    before = contents(out)
+    write_manifest = converter.write_manifest
+    changes = [
+        ("notes.txt", b"mine", r"holds files the converter did not write \(notes.txt\)"),
+        ("README.md", b"my card", r"README.md has 7 bytes"),
+    ]
+    for name, data, match in changes:
+        def meddling(folder: Path, name=name, data=data) -> None:  # the user writes into --output meanwhile
+            (out / name).write_bytes(data)
+            write_manifest(folder)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(converter, "write_manifest", meddling)
+            fails_in_one_line(capfd, cli(source, out, "--overwrite", "--dtype", "bfloat16"), match)
+        assert contents(out) == {**before, name: data} and hidden_siblings(out) == []
+        if name in before:
+            (out / name).write_bytes(before[name])
+        else:
+            (out / name).unlink()
+
+
+@pytest.mark.parametrize("length", [240, 255])
+def test_output_names_of_any_legal_length(source, tmp_path, length):
+    """A 240- or 255-character --output name: the staging and aside folders' names stay short."""
+    out = tmp_path / ("n" * length)
+    assert main(cli(source, out)) == 0 and converted_files(out)
+    assert main(cli(source, out, "--overwrite", "--dtype", "bfloat16")) == 0 and converted_files(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["n" * length]
+
+
+@pytest.fixture(params=["tmpfs", "bind"])
+def volume(request, tmp_path) -> Path:
+    """An empty mount point at tmp_path/volume, as a container volume: a tmpfs, or a bind mount of a folder of the
+    same filesystem (which `os.path.ismount` does not see). Skipped where mounting is not permitted."""
+    path = tmp_path / "a volume"  # /proc/self/mountinfo writes the space as \040
+    path.mkdir()
+    if request.param == "tmpfs":
+        command = ["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", str(path)]
+    else:
+        (tmp_path / "host").mkdir()
+        command = ["mount", "--bind", str(tmp_path / "host"), str(path)]
+    if shutil.which("mount") is None or subprocess.run(command, capture_output=True, check=False).returncode != 0:
+        pytest.skip("mounting is not permitted here")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_a_mount_point_as_output_is_staged_inside_it(source, tmp_path, volume, monkeypatch, capfd):
+    """An empty mount point (with the volume's own lost+found) as --output: the conversion is staged inside it, on its
+    own filesystem, and moved in; --overwrite then replaces it there."""
+    (volume / "lost+found").mkdir()
+    staged = []
+    write_manifest = converter.write_manifest
+
+    def spy(folder: Path) -> None:
+        staged.append((folder.parent, folder.stat().st_dev))
+        write_manifest(folder)
+
+    monkeypatch.setattr(converter, "write_manifest", spy)
+    assert main(cli(source, volume)) == 0
+    assert staged == [(volume, volume.stat().st_dev)]
+    written = converted_files(volume)
+    assert sorted(p.name for p in volume.iterdir()) == sorted([*written, "lost+found"])
+    fails_in_one_line(capfd, cli(source, volume), "holds an earlier conversion; pass --overwrite")
+
+    assert main(cli(source, volume, "--overwrite", "--dtype", "bfloat16", "--max-shard-size", "0.0002")) == 0
+    assert json.loads((volume / "config.json").read_text())["dtype"] == "bfloat16"
+    written = converted_files(volume)
+    assert sorted(p.name for p in volume.iterdir()) == sorted([*written, "lost+found"]) and len(written) > 12
+    assert os.path.ismount(volume) or volume.stat().st_dev == tmp_path.stat().st_dev  # still mounted
+
+
+def test_a_move_into_a_mount_point_killed_halfway_is_completed(source, tmp_path, volume):
+    """SIGKILL while an --overwrite conversion moves its files into a mount point one by one: the folder is no
+    finished conversion then, and the next run completes the move."""
+    assert main(cli(source, volume)) == 0
+    reference = tmp_path / "reference"
+    assert main(cli(source, reference, "--dtype", "bfloat16")) == 0
+    process = subprocess.Popen([sys.executable, "-c", PAUSE_MOVE, *cli(source, volume, "--overwrite", "--dtype",
+                                "bfloat16")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert process.stdout.readline() == "moving\n"
+    finally:
+        process.kill()
+        process.wait()
+    with pytest.raises(ConversionError, match="not a finished conversion"):
+        converted_files(volume)
+    tidy_siblings(volume)
+    assert contents(volume) == contents(reference)
+
+
+def test_an_output_whose_parent_we_may_not_write_is_staged_inside_it(source, tmp_path, monkeypatch):
+    """An existing --output in a folder we may not write (so no staging folder beside it, nor a rename): staged
+    inside, and moved in."""
+    out = tmp_path / "parent" / "out"
+    out.mkdir(parents=True)
+    access, write_manifest, staged = os.access, converter.write_manifest, []
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != out.parent and access(path, mode))
+    spy = lambda folder: staged.append(folder.parent) or write_manifest(folder)  # noqa: E731
+    monkeypatch.setattr(converter, "write_manifest", spy)
+    assert main(cli(source, out)) == 0 and converted_files(out) and staged == [out]
+    assert sorted(p.name for p in tmp_path.joinpath("parent").iterdir()) == ["out"]
+
+
+def test_a_staging_folder_taken_before_it_is_locked_is_replaced(source, tmp_path, monkeypatch):
+    """Another run tidying up removes our new staging folder in the instant before we lock it: the conversion takes
+    a fresh one."""
+    locked, taken = converter.locked, []
+
+    def racing(folder: Path):
+        if ".llava-uhd-partial-" in folder.name and not taken:
+            taken.append(folder.name)
+            shutil.rmtree(folder)
+        return locked(folder)
+
+    monkeypatch.setattr(converter, "locked", racing)
+    assert main(cli(source, tmp_path / "out")) == 0 and converted_files(tmp_path / "out") and len(taken) == 1
+    assert hidden_siblings(tmp_path / "out") == []

@@ -22,7 +22,8 @@ from PIL import Image
 from transformers import AutoTokenizer
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from conversion.convert_llava_uhd import prepare_tokenizer
+from conversion.convert_llava_uhd import ConversionError, prepare_tokenizer
+from conversion.tokenizer import load_original_tokenizer
 from modeling_llava_uhd import LlavaUhdImageProcessor, LlavaUhdProcessor
 from processing import convert_llava_row, make_collator, training_chat_template
 
@@ -35,13 +36,18 @@ QUERIES = 4  # image tokens per image: images here are small and `max_slice_nums
 SPECIALS = ("<s>", "</s>", "<unk>", "<image>")
 
 
+def vicuna_variant(folder: Path, drop: tuple[str, ...] = (), **changes) -> Path:
+    """A copy of the fixture tokenizer folder at `folder`, its tokenizer_config.json without the `drop` keys and
+    updated with `changes`."""
+    shutil.copytree(VICUNA, folder)
+    config = {k: v for k, v in json.loads((folder / "tokenizer_config.json").read_text()).items() if k not in drop}
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
 def vicuna_folder(tmp_path: Path, legacy: bool) -> Path:
     """The fixture tokenizer folder with its `legacy` setting (the release's is False)."""
-    folder = tmp_path / f"vicuna-legacy-{legacy}"
-    shutil.copytree(VICUNA, folder)
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": legacy}))
-    return folder
+    return vicuna_variant(tmp_path / f"vicuna-legacy-{legacy}", legacy=legacy)
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["legacy=False", "legacy=True"])
@@ -117,6 +123,97 @@ def test_leading_space_and_text_after_special_tokens_follow_the_legacy_setting(p
     # After </s>: no dummy prefix with legacy=False ("USER" 11889), one with legacy=True ("▁US" "ER").
     after = tokenizer("</s>USER", add_special_tokens=False)["input_ids"]
     assert after == ([2, 3148, 1001] if legacy(processor) else [2, 11889])
+
+
+def test_missing_settings_default_as_in_the_slow_tokenizer(tmp_path):
+    """A tokenizer_config.json without `legacy`, `add_bos_token`, `add_eos_token`: legacy, BOS, no EOS (transformers
+    4.37's defaults, which the authors ran)."""
+    folder = vicuna_variant(tmp_path / "vicuna", drop=("legacy", "add_bos_token", "add_eos_token"))
+    tokenizer = load_original_tokenizer(folder)
+    assert tokenizer("</s>USER", add_special_tokens=False)["input_ids"] == [2, 3148, 1001]  # "▁US" "ER": legacy
+    assert tokenizer("USER")["input_ids"] == [1, 3148, 1001]
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_decoding_drops_the_dummy_prefix(tmp_path, legacy):
+    tokenizer = load_original_tokenizer(vicuna_folder(tmp_path, legacy))
+    for text in ("Hello", "Hello world", "  two spaces", "a\nb"):
+        ids = tokenizer(text)["input_ids"]
+        assert tokenizer.decode(ids, skip_special_tokens=True) == SENTENCEPIECE.decode(ids[1:]) == text
+
+
+def added_token(content: str, special: bool = True, **flags) -> dict:
+    """An `added_tokens_decoder` entry as transformers writes it."""
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+            "special": special, **flags}
+
+
+@pytest.mark.parametrize("form", ["added_tokens_decoder", "added_tokens.json"])
+def test_added_tokens_keep_their_ids(tmp_path, form):
+    """An original that added `<im_start>` (32000) and `<pad>` (32001) keeps both ids, as transformers' own loader
+    does; `<image>` takes the next free id. The older `added_tokens.json` form is read when the config has no
+    `added_tokens_decoder`, as transformers reads it."""
+    folder = vicuna_variant(tmp_path / "vicuna", pad_token="<pad>")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    added = {"32000": added_token("<im_start>"), "32001": added_token("<pad>"),
+             "32002": added_token("<im_end>", special=False, normalized=True, rstrip=True)}
+    if form == "added_tokens.json":
+        del config["added_tokens_decoder"]
+        (folder / "added_tokens.json").write_text(json.dumps({t["content"]: int(i) for i, t in added.items()}))
+        special_tokens = json.loads((folder / "special_tokens_map.json").read_text())
+        (folder / "special_tokens_map.json").write_text(json.dumps({**special_tokens, "pad_token": "<pad>"}))
+    else:
+        config["added_tokens_decoder"].update(added)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+    expected = AutoTokenizer.from_pretrained(folder)  # transformers' own loader
+    tokenizer = prepare_tokenizer(folder)
+    ids = tokenizer.convert_tokens_to_ids(["<im_start>", "<pad>", "<im_end>", "<image>"])
+    assert ids == [32000, 32001, 32002, 32003]
+    assert tokenizer.pad_token_id == expected.pad_token_id == 32001
+    contents = lambda t: {i: (str(a), a.special) for i, a in t.added_tokens_decoder.items() if i < 32003}  # noqa: E731
+    assert contents(tokenizer) == contents(expected)
+    tokenizer.save_pretrained(tmp_path / "converted")
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "converted")  # as the converted folder loads
+    for text in ("<im_start>user\nHi!<im_end>\n<im_start>assistant", "a<im_start>b <pad><pad>", "x <im_end> y"):
+        assert tokenizer(text)["input_ids"] == expected(text)["input_ids"] == reloaded(text)["input_ids"], text
+    assert tokenizer("<im_start>hi")["input_ids"] == [1, 32000, 2918]  # one token, and no dummy prefix after it
+
+
+def test_added_tokens_that_cannot_keep_their_ids_are_refused(tmp_path):
+    """4 bad inputs: an id past a gap, an id inside tokenizer.model naming another piece, a key that is no id, an
+    added_tokens.json that is not {token: id}. transformers' loader renumbers the first two silently; the converter
+    names them."""
+    cases = [
+        ({"32000": added_token("<im_start>"), "32005": added_token("<pad>")},
+         r"'<pad>' has id 32005, but would get id 32001: added ids must follow tokenizer.model's 32000 pieces"),
+        ({"5": added_token("<im_start>")}, r"'<im_start>' has id 5, .* tokenizer.model gives that id to '<0x02>'"),
+        ({"first": added_token("<im_start>")}, r"added_tokens_decoder has keys that are not token ids: \['first'\]"),
+    ]
+    for index, (added, match) in enumerate(cases):
+        folder = vicuna_variant(tmp_path / f"case{index}", drop=("added_tokens_decoder",))
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "added_tokens_decoder": added}))
+        with pytest.raises(ConversionError, match=match):
+            prepare_tokenizer(folder)
+    folder = vicuna_variant(tmp_path / "json", drop=("added_tokens_decoder",))
+    (folder / "added_tokens.json").write_text(json.dumps(["<im_start>"]))
+    with pytest.raises(ConversionError, match=r"added_tokens.json is not a JSON object of token: id"):
+        prepare_tokenizer(folder)
+
+
+def test_padding_follows_the_tokenizer_when_its_config_names_no_side(tmp_path):
+    """A tokenizer saved without `padding_side`, then set to left (as transformers' pipelines do): the processor
+    pads on the left."""
+    tokenizer = load_original_tokenizer(vicuna_variant(tmp_path / "vicuna", drop=("padding_side",)))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    assert "padding_side" not in tokenizer.init_kwargs
+    tokenizer.padding_side = "left"
+    processor = LlavaUhdProcessor(image_processor=LlavaUhdImageProcessor(), tokenizer=tokenizer, num_queries=QUERIES,
+                                  slice_separator_id=29892, row_separator_id=13)
+    batch = processor(text=["Hi", "A longer prompt"], padding=True)
+    assert batch["input_ids"][0][:2] == [tokenizer.pad_token_id] * 2 and batch["attention_mask"][0][:2] == [0, 0]
+    assert processor(text=["Hi", "A longer prompt"], padding=True, padding_side="right")["attention_mask"][0][-1] == 0
 
 
 # Words, runs of spaces, punctuation, digits, newlines, tabs and non-ASCII (CJK, accents, emoji: byte fallback).
