@@ -165,8 +165,6 @@ def build_app(
                 "Image token in the question",
                 f"The question contains the image token {processor.image_token!r}; the image goes before it by itself.",
             )
-        if decoding not in DECODING:
-            raise _refuse("Decoding", f"Decoding must be one of {', '.join(DECODING)}; got {decoding!r}.")
         image = _read_image(_one_image(files))
         max_slice_nums, max_new_tokens = int(max_slice_nums), int(max_new_tokens)
         history = [*history, {"role": "user", "content": [{"type": "text", "text": question.strip()}]}]
