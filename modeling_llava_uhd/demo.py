@@ -15,10 +15,18 @@ from pathlib import Path
 import gradio as gr
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
-from transformers import TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from .cli import CliError, check_device, check_loadable, draw_slices, image_token_cost, load_model, load_processor
-from .cli import open_image
+from .cli import (
+    CliError,
+    check_device,
+    check_loadable,
+    draw_slices,
+    image_token_cost,
+    load_model,
+    load_processor,
+    open_image,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +38,7 @@ EXAMPLES_FOLDER = Path(__file__).resolve().parents[1] / "examples"
 DECODING = ("greedy", "beam search", "sampling")
 NUM_BEAMS = 4
 GPU_CONCURRENCY = 4  # generates at once on an accelerator; on a CPU one, since a generate already uses every core
+SLICING_CONCURRENCY = 4  # grids drawn at once (no model runs)
 DISPLAY_SIZE = 1024  # longest side of the drawn overlay
 
 
@@ -126,6 +135,16 @@ class _TimedStreamer(TextIteratorStreamer):
         super().put(value)
 
 
+class _Cancelled(StoppingCriteria):
+    """Stops a generate once `event` is set: the page's request was cancelled or its connection closed."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 def build_app(
     model,
     processor,
@@ -188,13 +207,14 @@ def build_app(
             "sampling": {"do_sample": True, "num_beams": 1},
         }[decoding]
         streamer = None if decoding == "beam search" else _TimedStreamer(processor.tokenizer, skip_prompt=True)
-        result = {}
+        result, cancelled = {}, threading.Event()
 
         def generate():
             try:
                 result["output"] = model.generate(
-                    **inputs.to(model.device), max_new_tokens=max_new_tokens, streamer=streamer, **options
-                )
+                    **inputs.to(model.device), max_new_tokens=max_new_tokens, streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]), **options,
+                )  # fmt: skip
             except Exception as error:  # reported in the page; the thread must not hang the stream
                 result["error"] = error
                 if streamer is not None:
@@ -204,9 +224,14 @@ def build_app(
         thread = threading.Thread(target=generate, daemon=True)
         thread.start()
         answer = ""
-        for piece in streamer or ():
-            answer += piece
-            yield [*history, {"role": "assistant", "content": answer}], gr.skip(), ""
+        try:
+            for piece in streamer or ():
+                answer += piece
+                yield [*history, {"role": "assistant", "content": answer}], gr.skip(), ""
+        except GeneratorExit:  # the request was cancelled mid-stream: its generate stops before its slot is freed
+            cancelled.set()
+            thread.join()
+            raise
         thread.join()
         end = time.perf_counter()
         if "error" in result:
@@ -233,9 +258,6 @@ def build_app(
         question = "".join(part["text"] for part in history[-2]["content"] if part.get("type") == "text")
         yield from respond(history[:-2], files, question, max_slice_nums, decoding, max_new_tokens)
 
-    def clear():
-        return [], None, ""
-
     with gr.Blocks(title="LLaVA-UHD") as app:
         gr.Markdown(
             "# LLaVA-UHD\nAn image becomes a grid of slices of about 336×336 px each, plus a low-resolution overview; "
@@ -243,8 +265,12 @@ def build_app(
         )
         with gr.Row():
             with gr.Column(scale=5):
-                files = gr.File(label="Image", file_count="multiple", file_types=["image"], height=110)
-                question = gr.Textbox(label="Question", placeholder="Ask about the image, then press Enter", render=False)
+                files = gr.File(
+                    label="Image", file_count="multiple", file_types=["image"], height=110, elem_id="image"
+                )
+                question = gr.Textbox(
+                    label="Question", placeholder="Ask about the image, then press Enter", render=False
+                )
                 if examples:
                     gr.Examples([[[path], text] for path, text in examples], [files, question], label="Examples")
                 max_slice_nums = gr.Slider(
@@ -253,7 +279,9 @@ def build_app(
                     elem_id="max-slice-nums",
                 )  # fmt: skip
                 with gr.Row():
-                    overlay = gr.Image(label="Slices", type="pil", format="png", interactive=False, scale=3, height=440)
+                    overlay = gr.Image(
+                        label="Slices", type="pil", format="png", interactive=False, scale=3, height=440
+                    )
                     overview = gr.Image(label="Overview", type="pil", format="png", interactive=False, scale=1)
                 summary = gr.Markdown("Upload an image to see its slices.", elem_id="tokens")
                 with gr.Accordion("Slicing figures (sizes as height, width)", open=False):
@@ -270,17 +298,20 @@ def build_app(
                     max_new_tokens = gr.Slider(1, 1024, value=128, step=1, label="Max new tokens")
                 figures = gr.JSON(label="This answer", elem_id="figures")
 
-        slicing_io = dict(inputs=[files, max_slice_nums], outputs=[overlay, overview, summary, layout])
         # Drawing the grid runs no model: its own queue slots, so it never waits behind a generate.
-        files.change(preview, **slicing_io, api_name="preview", concurrency_id="slicing", concurrency_limit=4)
-        max_slice_nums.change(preview, **slicing_io, api_name=False, concurrency_id="slicing", concurrency_limit=4)
-        files.change(clear, outputs=[chat, figures, question], api_name=False, queue=False)  # a new conversation
+        slicing_event = {
+            "fn": preview, "inputs": [files, max_slice_nums], "outputs": [overlay, overview, summary, layout],
+            "concurrency_id": "slicing", "concurrency_limit": SLICING_CONCURRENCY,
+        }  # fmt: skip
+        files.change(**slicing_event, api_name="preview")
+        max_slice_nums.change(**slicing_event, api_visibility="private")
+        files.change(lambda: ([], None), outputs=[chat, figures], api_visibility="private", queue=False)  # a new image
         settings = [max_slice_nums, decoding, max_new_tokens]
-        outputs = [chat, figures, question]
-        for trigger, api_name in ((ask.click, "ask"), (question.submit, False)):
-            trigger(respond, [chat, files, question, *settings], outputs, api_name=api_name, concurrency_id="generate")
-        again.click(regenerate, [chat, files, *settings], outputs, api_name="regenerate", concurrency_id="generate")
-        reset.click(clear, outputs=outputs, api_name="clear", queue=False)
+        generate_event = {"outputs": [chat, figures, question], "concurrency_id": "generate"}
+        ask.click(respond, [chat, files, question, *settings], api_name="ask", **generate_event)
+        question.submit(respond, [chat, files, question, *settings], api_visibility="private", **generate_event)
+        again.click(regenerate, [chat, files, *settings], api_name="regenerate", **generate_event)
+        reset.click(lambda: ([], None, ""), outputs=[chat, figures, question], api_name="clear", queue=False)
     return app.queue(default_concurrency_limit=concurrency_limit, max_size=max_queue)
 
 

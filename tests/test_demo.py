@@ -3,10 +3,12 @@ the slicing figures equal the processor's, every bad input comes back as a messa
 answered, a request beyond the queue is refused. Needs the demo extra (Gradio): `.ci/demo.sh` builds that
 environment; skipped elsewhere, except the test of the message that names the missing extra."""
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -170,6 +172,40 @@ def test_answers_stream_token_by_token(tmp_path):
     assert all(expected.startswith(partial.strip()) for partial in partials), (partials, expected)
 
 
+@needs_gradio
+def test_a_cancelled_request_stops_its_generate(tmp_path):
+    """A request cancelled mid-stream (its page closed) stops its generate, so the next one does not share the CPU."""
+    from gradio_client import handle_file
+
+    from modeling_llava_uhd.demo import build_app
+
+    model, processor = make_model("resampler", seed=3), make_processor()
+    generate, new_tokens = model.generate, []
+
+    def counted(**kwargs):
+        output = generate(**kwargs)
+        new_tokens.append(output.shape[1] - kwargs["input_ids"].shape[1])
+        return output
+
+    model.generate = counted
+    gradient(500, 300).save(tmp_path / "gradient.png")
+    app = build_app(model, processor)
+    try:
+        job = serve(app).submit(
+            [], [handle_file(str(tmp_path / "gradient.png"))], "What is in the picture?", 7, "greedy", 1024,
+            api_name="/ask",
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while len(job.outputs()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        job.cancel()
+        while not new_tokens and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        app.close()
+    assert new_tokens and new_tokens[0] < 100, new_tokens
+
+
 def exif_rotated(path: Path) -> Path:
     """A 600 x 400 (W x H) photo stored sideways, 400 x 600, with EXIF orientation 6 (turn it back to show it)."""
     exif = Image.Exif()
@@ -326,16 +362,15 @@ def test_demo_refuses_a_model_with_its_own_code_without_trust(tmp_path, capsys):
     assert "is not a LLaVA-UHD model" in err and "pass --trust-remote-code" in err and len(err.splitlines()) == 1
 
 
-@needs_gradio
-def test_demo_command_serves_the_default_model_on_loopback(tmp_path):
+@contextlib.contextmanager
+def server_process(command: list[str], port: int, tmp_path: Path, cwd: Path = ROOT, **env: str):
+    """Run `command` (a server on `port`) offline; yield a gradio_client `Client` of it and a list that gets the
+    process's output once it has been interrupted."""
     from gradio_client import Client
 
-    port = free_port()
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "LLAVA_UHD_CACHE": str(tmp_path / "cache")}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "modeling_llava_uhd.cli", "demo", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "LLAVA_UHD_CACHE": str(tmp_path / "cache")} | env
+    server = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
     try:
         deadline, client = time.monotonic() + 180, None
         while client is None and server.poll() is None and time.monotonic() < deadline:
@@ -344,11 +379,38 @@ def test_demo_command_serves_the_default_model_on_loopback(tmp_path):
             except Exception:  # not listening yet
                 time.sleep(0.5)
         assert client is not None, server.communicate(timeout=30)[0] if server.poll() is not None else "no server"
+        yield client, output
+    finally:
+        server.send_signal(signal.SIGINT)
+        output.append(server.communicate(timeout=60)[0])
+
+
+@needs_gradio
+def test_demo_command_serves_the_default_model_on_loopback(tmp_path):
+    port = free_port()
+    command = [sys.executable, "-m", "modeling_llava_uhd.cli", "demo", "--port", str(port)]
+    with server_process(command, port, tmp_path) as (client, output):
         assert texts(ask(client, [], [DETAIL], QUESTION)[0])[-1] == "checks"
         sockets = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
         listening = {fields[1] for fields in sockets if fields[3] == "0A"}
         assert f"0100007F:{port:04X}" in listening and f"00000000:{port:04X}" not in listening  # 127.0.0.1 only
-    finally:
-        server.send_signal(signal.SIGINT)
-        output = server.communicate(timeout=60)[0]
-    assert f"http://127.0.0.1:{port}" in output
+    assert f"http://127.0.0.1:{port}" in output[0]
+
+
+@needs_gradio
+def test_space_app_serves_the_model_its_variable_names(default, tmp_path):
+    """examples/space/app.py as a Space runs it: from the Space's folder (the app, its example images), on the address
+    and port Gradio's variables give, the model named by MODEL."""
+    space = tmp_path / "space"
+    space.mkdir()
+    for path in (ROOT / "examples" / "space" / "app.py", DETAIL, ROOT / "examples" / "coffee.jpg"):
+        shutil.copy(path, space)
+    model = tmp_path / "model"
+    default[0].save_pretrained(model)
+    default[1].save_pretrained(model)
+    port = free_port()
+    variables = {"GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "MODEL": str(model)}
+    with server_process([sys.executable, "app.py"], port, tmp_path, cwd=space, **variables) as (client, _):
+        assert texts(ask(client, [], [DETAIL], QUESTION)[0])[-1] == "checks"
+        examples = [example for example in client.config["dependencies"] if example.get("api_name") == "load_example"]
+        assert examples, client.config["dependencies"]
