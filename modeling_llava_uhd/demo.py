@@ -40,6 +40,7 @@ NUM_BEAMS = 4
 GPU_CONCURRENCY = 4  # generates at once on an accelerator; on a CPU one, since a generate already uses every core
 SLICING_CONCURRENCY = 4  # grids drawn at once (no model runs)
 DISPLAY_SIZE = 1024  # longest side of the drawn overlay
+CACHE_SECONDS = 3600  # uploads and drawn images are deleted after an hour, and all of them when the app stops
 
 
 def bundled_examples(folder: str | Path = EXAMPLES_FOLDER) -> list[tuple[str, str]]:
@@ -258,7 +259,7 @@ def build_app(
         question = "".join(part["text"] for part in history[-2]["content"] if part.get("type") == "text")
         yield from respond(history[:-2], files, question, max_slice_nums, decoding, max_new_tokens)
 
-    with gr.Blocks(title="LLaVA-UHD") as app:
+    with gr.Blocks(title="LLaVA-UHD", delete_cache=(CACHE_SECONDS, CACHE_SECONDS)) as app:
         gr.Markdown(
             "# LLaVA-UHD\nAn image becomes a grid of slices of about 336×336 px each, plus a low-resolution overview; "
             "every crop becomes a fixed number of tokens. Upload an image, move **max_slice_nums**, ask a question."
