@@ -243,6 +243,26 @@ def chat(args: argparse.Namespace) -> None:
     print(processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
 
 
+def demo(args: argparse.Namespace) -> None:
+    try:
+        from .demo import launch
+    except ModuleNotFoundError as error:
+        if error.name != "gradio":
+            raise
+        raise CliError(
+            'the demo needs Gradio, which the demo extra installs: pip install -e ".[demo]" from a checkout '
+            '(or pip install "llava-uhd[demo]")'
+        ) from None
+    launch(args.model, args.host, args.port, args.device, args.dtype, args.trust_remote_code)
+
+
+def _port(value: str) -> int:
+    number = _positive_int(value)
+    if number > 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port, 1 to 65535, got {number}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     # On the command too (`llava-uhd chat ... --debug`); SUPPRESS keeps a top-level `--debug` from being reset.
@@ -278,6 +298,21 @@ def build_parser() -> argparse.ArgumentParser:
         "other models are refused",
     )
     chat_parser.set_defaults(func=chat)
+
+    demo_parser = commands.add_parser(
+        "demo", parents=[common], help="serve a web page that shows the slices and chats (needs the demo extra)"
+    )
+    demo_parser.add_argument("--model", help="model folder or Hub repo id (default: the bundled default model)")
+    demo_parser.add_argument(
+        "--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)"
+    )
+    demo_parser.add_argument("--port", type=_port, default=7860, help="TCP port (default 7860)")
+    demo_parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps ... (default cpu)")
+    demo_parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    demo_parser.add_argument(
+        "--trust-remote-code", action="store_true", help="let the model's own Python files run (as for chat)"
+    )
+    demo_parser.set_defaults(func=demo)
     return parser
 
 
