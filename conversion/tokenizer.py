@@ -19,6 +19,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from transformers.tokenization_utils_base import generate_merges
 from transformers.utils import cached_file
 
+from .common import ConversionError
+
 SPIECE_UNDERLINE = "▁"
 # sentencepiece's ModelProto.SentencePiece.Type and TrainerSpec.ModelType values.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
@@ -29,7 +31,7 @@ TOKENIZER_FILES = (
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "additional_special_tokens")
 
 
-class TokenizerConversionError(ValueError):
+class TokenizerConversionError(ConversionError):
     """The original tokenizer cannot be read or reproduced; the message says why."""
 
 
@@ -183,4 +185,20 @@ def _content(token: str | dict | None) -> str | None:
     return token.get("content") if isinstance(token, dict) else token
 
 
-__all__ = ["TokenizerConversionError", "load_original_tokenizer", "sentencepiece_tokenizer"]
+def prepare_tokenizer(source: str | Path):
+    """The original tokenizer (see `load_original_tokenizer`) with `<image>`, `<pad>` when it has no pad token, and
+    left padding: batched generation (transformers' pipelines pad as the tokenizer says) needs it, and training
+    collators ask for right padding themselves."""
+    tokenizer = load_original_tokenizer(source)
+    added = {}
+    if "<image>" not in tokenizer.get_vocab():
+        added["additional_special_tokens"] = ["<image>"]
+    if tokenizer.pad_token is None:
+        added["pad_token"] = "<pad>"
+    if added:
+        tokenizer.add_special_tokens(added)
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"  # `save_pretrained` writes init_kwargs
+    return tokenizer
+
+
+__all__ = ["TokenizerConversionError", "load_original_tokenizer", "prepare_tokenizer", "sentencepiece_tokenizer"]

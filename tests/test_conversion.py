@@ -275,7 +275,7 @@ def test_cli_entry_point_prints_summary(tmp_path):
 def test_sentencepiece_tokenizer_problems_are_named(tmp_path, monkeypatch):
     """A `tokenizer.model`-only original: without sentencepiece the error says what to install; a damaged file, a
     config that is not a sentencepiece BPE model, are named."""
-    from conversion.convert_llava_uhd import prepare_tokenizer
+    from conversion.tokenizer import prepare_tokenizer
 
     folder = tmp_path / "tokenizer"
     folder.mkdir()

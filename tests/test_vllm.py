@@ -18,7 +18,7 @@ from tiny import gradient, make_config, make_processor, photo
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from vllm import LLM, SamplingParams
 
-from conversion.convert_llava_uhd import prepare_tokenizer
+from conversion.tokenizer import prepare_tokenizer
 from modeling_llava_uhd import (
     LlavaUhdForConditionalGeneration,
     LlavaUhdImageProcessor,
