@@ -58,6 +58,8 @@ REFERENCE_ROW_SEPARATOR_ID = 13
 STAGE1_PROJECTOR = "mm_projector.bin"
 # Keys of original checkpoints that hold nothing to convert (recomputed buffers, frozen CLIP copies).
 IGNORED_KEYS = re.compile(r"(\.rotary_emb\.inv_freq$|^model\.vision_tower\.)")
+# The projector's keys keep their names. The key third of `attn.in_proj_bias` is carried over but changes no output (it
+# adds `query . b_k` to every score of a query, which softmax ignores): no test can tell it, so none tries.
 KEY_RULES = (
     (re.compile(r"^model\.mm_projector\.(.+)$"), r"model.resampler.\1"),
     (re.compile(r"^model\.(embed_tokens|layers|norm)\.(.+)$"), r"model.language_model.\1.\2"),
@@ -66,6 +68,7 @@ KEY_RULES = (
 VISION_RULE = (re.compile(r"^vision_model\.(.+)$"), r"model.vision_tower.\1")
 VISION_IGNORED = re.compile(r"^(text_model\.|visual_projection\.|text_projection\.|logit_scale)")
 EMBEDDING_KEYS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
+EMBEDDING_CHUNK = 1024  # rows of an embedding read at a time (in float64) to grow it
 # LLM families the converter maps (a word of the original's `model_type` / `architectures` -> transformers model type).
 SUPPORTED_LLMS = {"qwen": "qwen2", "llama": "llama"}
 # LLaVA-only fields of the original config.json that are not part of the language model's config.
@@ -192,23 +195,24 @@ def model_sources(original: Path, text_folder: Path, separate_llm: bool) -> list
     return ([stage1] if separate_llm and stage1.is_file() else []) + weight_files(text_folder)
 
 
-def load_projector(sources: list[Path], original: Path) -> dict[str, torch.Tensor]:
-    """The `model.mm_projector.*` tensors of `sources`; refused when they hold no resampler query."""
-    is_projector = lambda name: name.startswith("model.mm_projector.")  # noqa: E731
-    projector = {k: v for path in sources for k, v in iter_tensors(path, keep=is_projector)}
-    if "model.mm_projector.query" not in projector:
-        hint = " (a stage-1 folder: pass the LLM as --text-model)" if (original / STAGE1_PROJECTOR).is_file() else ""
-        raise ConversionError(
-            f"No `model.mm_projector.*` weights in {', '.join(p.name for p in sources)}: not a LLaVA-UHD "
-            f"checkpoint{hint}."
-        )
-    return projector
+def count_queries(sources: list[Path], original: Path) -> int:
+    """The resampler's query count, from the shape of `model.mm_projector.query` (the only tensor read); refused when
+    `sources` hold no resampler query."""
+    is_query = lambda name: name == "model.mm_projector.query"  # noqa: E731
+    for path in sources:
+        for _, query in iter_tensors(path, keep=is_query):
+            return query.shape[0]
+    hint = " (a stage-1 folder: pass the LLM as --text-model)" if (original / STAGE1_PROJECTOR).is_file() else ""
+    raise ConversionError(
+        f"No `model.mm_projector.*` weights in {', '.join(p.name for p in sources)}: not a LLaVA-UHD checkpoint{hint}."
+    )
 
 
 def build_config(
-    original: dict, vision_folder: Path, projector: dict[str, torch.Tensor], resampler_num_heads: int | None
+    original: dict, vision_folder: Path, num_queries: int, resampler_num_heads: int | None
 ) -> LlavaUhdConfig:
-    """The LLaVA-UHD config from the original's config.json, the CLIP folder's config and the projector's shapes;
+    """The LLaVA-UHD config from the original's config.json, the CLIP folder's config and the projector's query
+    count, naming the architecture (as `save_pretrained` would: serving engines pick the model by it);
     `image_token_id` is set once the tokenizer is known (`fit_vocabulary`)."""
     text_config = text_config_from(original)
     spatial = original.get("mm_projector_type") == "adapt_spatial_resampler"
@@ -222,10 +226,11 @@ def build_config(
         vision_config=vision_config.to_dict(),
         text_config=text_config,
         projector_type="spatial_resampler" if spatial else "resampler",
-        num_queries=projector["model.mm_projector.query"].shape[0],
+        num_queries=num_queries,
         resampler_num_heads=resampler_num_heads or max(default_heads, 1),
         vision_feature_layer=original.get("mm_vision_select_layer", -2),
         image_token_id=0,  # set once the tokenizer has its <image> token
+        architectures=[LlavaUhdForConditionalGeneration.__name__],
     )
 
 
@@ -258,20 +263,27 @@ def fit_vocabulary(config: LlavaUhdConfig, tokenizer, pad_vocab_to: int) -> None
     config.text_config.pad_token_id = tokenizer.pad_token_id
 
 
-def grow_embedding(weight: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
-    """Append rows drawn from a normal with the existing rows' mean and 1e-5 x their covariance (as transformers'
-    LLaVA conversion does), deterministically."""
-    if rows <= weight.shape[0]:
-        return weight
-    old = weight.double()
-    mean = old.mean(0)
-    centered = old - mean
-    covariance = 1e-5 * (centered.T @ centered) / old.shape[0]
-    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
-    scale = eigenvectors * eigenvalues.clamp(min=0).sqrt()
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(rows - weight.shape[0], weight.shape[1], generator=generator, dtype=torch.float64)
-    return torch.cat([weight, (mean + noise @ scale.T).to(weight.dtype)])
+def grow_embedding(weight: torch.Tensor, rows: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """`weight` in `dtype` with rows appended up to `rows`, drawn deterministically from a normal with the existing
+    rows' mean and 1e-5 x their covariance (as transformers' LLaVA conversion does).
+
+    A draw is `mean + sqrt(1e-5 / n) * z @ (weight - mean)` with `z` standard normal over the `n` existing rows, whose
+    covariance is exactly that: no covariance matrix to build and factorise (at 32000 x 5120 that took minutes and
+    several float64 copies of the matrix), and `weight` is read in float64 chunks, so memory stays near the output."""
+    count, width = weight.shape
+    if rows <= count:
+        return weight.to(dtype)
+    z = torch.randn(rows - count, count, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    total, mixed = torch.zeros(width, dtype=torch.float64), torch.zeros(rows - count, width, dtype=torch.float64)
+    for start in range(0, count, EMBEDDING_CHUNK):
+        chunk = weight[start : start + EMBEDDING_CHUNK].double()
+        total += chunk.sum(0)
+        mixed += z[:, start : start + EMBEDDING_CHUNK] @ chunk
+    mean = total / count
+    grown = torch.empty(rows, width, dtype=dtype)
+    grown[:count] = weight
+    grown[count:] = mean + (mixed - z.sum(1, keepdim=True) * mean) * math.sqrt(1e-5 / count)
+    return grown
 
 
 class ShardWriter:
@@ -360,7 +372,7 @@ def write_weights(
             unmapped.append(source_key)
             continue
         if name in EMBEDDING_KEYS:
-            tensor = grow_embedding(tensor.float(), vocab_size, seed=EMBEDDING_KEYS.index(name))
+            tensor = grow_embedding(tensor, vocab_size, EMBEDDING_KEYS.index(name), dtype)
         if name not in expected:
             unmapped.append(name)
         elif tuple(tensor.shape) != tuple(expected[name]):
@@ -424,8 +436,7 @@ def convert(
 
     original_config = read_original_config(original_folder)
     sources = model_sources(original_folder, text_folder, separate_llm=bool(text_model))
-    projector = load_projector(sources, original_folder)
-    config = build_config(original_config, vision_folder, projector, resampler_num_heads)
+    config = build_config(original_config, vision_folder, count_queries(sources, original_folder), resampler_num_heads)
     tokenizer = prepare_tokenizer(tokenizer_folder(original_folder, text_folder))
     processor = build_processor(tokenizer, config.num_queries, slice_separator_id, row_separator_id)
     original_vocab = config.text_config.vocab_size

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import generate_merges
 from transformers.utils import cached_file
 
@@ -49,7 +49,16 @@ def load_original_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
         if "added_tokens_decoder" not in settings and files["added_tokens.json"] is not None:
             settings["added_tokens_decoder"] = _legacy_added_tokens(files["added_tokens.json"], settings)
         return sentencepiece_tokenizer(files["tokenizer.model"], settings)
-    return AutoTokenizer.from_pretrained(source)
+    return AutoTokenizer.from_pretrained(source, config=model_config(source))
+
+
+def model_config(source: str | Path) -> PreTrainedConfig:
+    """The model config that `AutoTokenizer` reads beside a tokenizer, read as it reads it but without the warning its
+    fallback gives for a model type transformers does not know (the originals' `llava_llama`, `llava_qwen2`)."""
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (ValueError, OSError):
+        return PreTrainedConfig.from_dict(PreTrainedConfig.get_config_dict(source)[0])
 
 
 def sentencepiece_tokenizer(model_file: str | Path, settings: dict[str, Any]) -> PreTrainedTokenizerFast:
