@@ -3,6 +3,7 @@
 import copy
 import io
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -15,7 +16,7 @@ from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 from modeling_llava_uhd import LlavaUhdProcessor, UnusableSampleError
 from modeling_llava_uhd.modeling_llava_uhd import image_schema_mask
 
-from .llava_format import BadRowError, OnBadRow, check_on_bad_row
+from .llava_format import BadRowError, OnBadRow, brief, check_on_bad_row
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +56,17 @@ def training_chat_template(processor: LlavaUhdProcessor, chat_format: ChatFormat
 
 def open_image(image: Any) -> Image.Image:
     """Decode a path, an undecoded `datasets` image (`{"bytes", "path"}`) or a PIL image completely, so that a missing,
-    corrupt or truncated file fails here."""
+    corrupt or truncated file fails here, and no image (a null, or `{"bytes": None, "path": None}`) with a
+    `ValueError`."""
+    source = image
     if isinstance(image, dict):
-        image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
-    if not isinstance(image, Image.Image):
-        image = Image.open(image)
-    image.load()
-    return image
+        source = io.BytesIO(image["bytes"]) if image.get("bytes") else image.get("path")
+    if isinstance(source, (str, os.PathLike, io.BytesIO)):
+        source = Image.open(source)
+    elif not isinstance(source, Image.Image):
+        raise ValueError(f"no image: expected a path, a PIL image or a `datasets` image, got {brief(image)}")
+    source.load()
+    return source
 
 
 @dataclass
