@@ -318,8 +318,8 @@ class LlavaUhdProcessor(ProcessorMixin):
         return kept
 
     def _pad(self, rows: list[dict[str, list]], settings: dict) -> dict[str, list]:
-        """The expanded `rows` padded by the tokenizer, with attention masks, and their offsets and token types padded
-        alike: the columns that `settings` asks for."""
+        """The columns of the expanded `rows` that `settings` asks for: ids padded by the tokenizer, attention masks,
+        offsets and token types padded alike."""
         ids, padding = [row["input_ids"] for row in rows], settings["padding"]
         if padding not in (True, False, "longest", "max_length", "do_not_pad"):
             raise ValueError(
@@ -344,19 +344,18 @@ class LlavaUhdProcessor(ProcessorMixin):
             padding_side=settings["padding_side"],
             return_attention_mask=True,
         )
-        columns = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
-        for name, pad in (("offset_mapping", (0, 0)), ("mm_token_type_ids", 0)):  # in the places the tokenizer left
-            values = [iter(row[name]) for row in rows]
-            columns[name] = [
-                [next(v) if m else pad for m in mask] for v, mask in zip(values, columns["attention_mask"])
-            ]
-        wanted = {
-            "input_ids": True,
-            "attention_mask": settings["return_attention_mask"],
-            "offset_mapping": settings["return_offsets_mapping"],
-            "mm_token_type_ids": settings["return_mm_token_type_ids"],
-        }
-        return {name: column for name, column in columns.items() if wanted[name]}
+        masks, columns = padded["attention_mask"], {"input_ids": padded["input_ids"]}
+        if settings["return_attention_mask"]:
+            columns["attention_mask"] = masks
+        alike = (
+            ("offset_mapping", (0, 0), "return_offsets_mapping"),
+            ("mm_token_type_ids", 0, "return_mm_token_type_ids"),
+        )
+        for name, pad, flag in alike:  # padded where the tokenizer padded
+            if settings[flag]:
+                values = [iter(row[name]) for row in rows]
+                columns[name] = [[next(v) if m else pad for m in mask] for v, mask in zip(values, masks)]
+        return columns
 
     @property
     def model_input_names(self) -> list[str]:
