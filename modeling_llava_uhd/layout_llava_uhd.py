@@ -3,7 +3,7 @@ the training collator, the command line and the benchmarks share, stated once.
 
 Orientation: every size, grid and shape is `(height, width)`, i.e. `(rows, cols)`: image and crop sizes in pixels,
 each crop's patch grid (`image_grid_hw`) and each image's slice grid (`slice_grid`; `(0, 0)` for an image that is not
-sliced). PIL's `(width, height)` appears only at calls into PIL.
+sliced). PIL's `(width, height)` belongs only at calls into PIL.
 
 An image of a `rows x cols` slice grid is cut into `rows * cols + 1` crops: its slices row-major, then the overview.
 Every crop becomes `num_queries` image tokens, and the image's schema in the sequence is its crops' tokens in that
