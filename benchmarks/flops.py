@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
 
 from modeling_llava_uhd import LlavaUhdConfig, LlavaUhdForConditionalGeneration, LlavaUhdImageProcessor
+from modeling_llava_uhd.layout_llava_uhd import schema_token_counts
 
 from .common import parse_size, print_table
 from .vision import grouped_reference
@@ -82,8 +83,7 @@ def llava_uhd(llm: str, projector_type: str, size: tuple[int, int], text_tokens:
         lambda: model.model.get_image_features(pixel_values, grid_hw, slice_grid), type(model.model.resampler)
     )
     reference = count_flops(lambda: grouped_reference(model, pixel_values, grid_hw))
-    # The spatial schema: num_queries tokens per crop and one separator after every slice.
-    visual_tokens = layout.num_crops * config.num_queries + layout.num_slices
+    visual_tokens = sum(schema_token_counts(*(layout.grid or (0, 0)), config.num_queries))  # separators included
     crops = ", ".join(f"{h}x{w}" for h, w in grid_hw.unique(dim=0).tolist())
     return dict(
         name=f"LLaVA-UHD {'paper' if paper else 'release'} ({config.num_queries} queries)",

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from modeling_llava_uhd import LlavaUhdImageProcessor
-from modeling_llava_uhd.modeling_llava_uhd import images_from_patches
+from modeling_llava_uhd.layout_llava_uhd import images_from_patches
 
 from .common import machine, median_seconds, parse_size, photos, print_table, transformers_class
 

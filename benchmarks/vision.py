@@ -24,10 +24,10 @@ import torch
 from torch.nn import functional as F
 
 from modeling_llava_uhd import LlavaUhdConfig, LlavaUhdForConditionalGeneration, LlavaUhdImageProcessor
+from modeling_llava_uhd.layout_llava_uhd import images_from_patches
 from modeling_llava_uhd.modeling_llava_uhd import (
     LlavaUhdResampler,
     best_pooling_size,
-    images_from_patches,
     resize_position_table,
     roi_align_matrix,
     window_boxes,

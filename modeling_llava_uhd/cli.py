@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from .configuration_llava_uhd import LlavaUhdConfig
 from .image_processing_llava_uhd import LlavaUhdImageProcessor, SliceLayout
-from .processing_llava_uhd import schema_ids
+from .layout_llava_uhd import schema_token_counts
 
 
 class CliError(Exception):
@@ -58,10 +58,7 @@ def _max_image_size(value: str) -> int | None:
 
 def image_token_cost(layout: SliceLayout, num_queries: int) -> tuple[int, int]:
     """(image tokens, separator tokens) an image with `layout` occupies in the LLM sequence: its spatial schema."""
-    schema = schema_ids(
-        *(layout.grid or (0, 0)), num_queries, image_token_id=0, slice_separator_id=1, row_separator_id=1
-    )
-    return schema.count(0), schema.count(1)
+    return schema_token_counts(*(layout.grid or (0, 0)), num_queries)
 
 
 def not_regular(mode: int) -> str | None:

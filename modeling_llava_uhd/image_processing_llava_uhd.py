@@ -16,6 +16,8 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import TensorType
 
+from .layout_llava_uhd import crops_per_image
+
 ImageLike = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 
 # PIL integer modes holding more than 8 bits per pixel: scaled to 8 bits instead of clipped by `convert("RGB")`. A
@@ -67,7 +69,7 @@ class SliceLayout:
 
     @property
     def num_crops(self) -> int:
-        return self.num_slices + 1
+        return crops_per_image(*(self.grid or (0, 0)))
 
 
 def _fit_to_multiple(length: float, multiple: int) -> int:

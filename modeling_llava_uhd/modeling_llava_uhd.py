@@ -19,6 +19,7 @@ from transformers.utils import logging, output_capturing
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_llava_uhd import LlavaUhdConfig
+from .layout_llava_uhd import crops_per_image, encode_by_shape, image_schema_mask
 
 logger = logging.get_logger(__name__)
 # Pooling grids (width, height) of the spatial resampler's boxes, in the reference's order of preference.
@@ -143,50 +144,6 @@ def never_generated(image_token_id: int, eos_token_id: int | list[int] | None, p
     also ends sequences."""
     ends = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])
     return {image_token_id} | ({pad_token_id} - ends - {None})
-
-
-def images_from_patches(patches: torch.Tensor, height: int, width: int, patch: int) -> torch.Tensor:
-    """Same-shape crops as `LlavaUhdImageProcessor` packs them, `[crops, height * width, 3 * patch * patch]` (patches
-    row-major, each channel-first), back to images `[crops, 3, height * patch, width * patch]`."""
-    images = patches.view(len(patches), height, width, 3, patch, patch).permute(0, 3, 1, 4, 2, 5)
-    return images.reshape(len(patches), 3, height * patch, width * patch)
-
-
-def crops_by_shape(
-    pixel_values: torch.Tensor, image_grid_hw: list[list[int]], patch_size: int
-) -> list[tuple[tuple[int, int], list[int], torch.Tensor]]:
-    """Packed patches (see `LlavaUhdImageProcessor`) as images, one batch per distinct patch grid: `(height, width)`
-    in patches, the indices of its crops, and the crops `[n, 3, height * patch_size, width * patch_size]`."""
-    crops = pixel_values.split([h * w for h, w in image_grid_hw])
-    groups: dict[tuple[int, int], list[int]] = {}
-    for index, shape in enumerate(image_grid_hw):
-        groups.setdefault(tuple(shape), []).append(index)
-    return [
-        (
-            (height, width),
-            indices,
-            images_from_patches(torch.stack([crops[i] for i in indices]), height, width, patch_size),
-        )
-        for (height, width), indices in groups.items()
-    ]
-
-
-def image_schema_mask(
-    input_ids: torch.Tensor, image_token_id: int, slice_grid: torch.Tensor | None, num_queries: int
-) -> torch.Tensor:
-    """Where the images' schemas lie in `input_ids`: image tokens, and with `slice_grid` (images in order) also the
-    separators between an image's crops, from its first image token to its `(rows * cols + 1) * num_queries`-th."""
-    image = input_ids == image_token_id
-    if slice_grid is None:
-        return image
-    mask, counts = image.clone(), iter([(rows * cols + 1) * num_queries for rows, cols in slice_grid.tolist()])
-    for row, positions in enumerate(image):
-        positions = positions.nonzero().flatten().tolist()
-        while positions:
-            count = min(next(counts), len(positions))
-            mask[row, positions[0] : positions[count - 1] + 1] = True
-            positions = positions[count:]
-    return mask
 
 
 def cuttable_layers(tower: nn.Module) -> nn.ModuleList | None:
@@ -442,10 +399,10 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
             raise ValueError(
                 f"`pixel_values` has {pixel_values.shape[0]} patches but `image_grid_hw` describes {sum(crop_lengths)}."
             )
-        crops_per_image = [rows * cols + 1 for rows, cols in slice_grid.tolist()]
-        if sum(crops_per_image) != len(grid_hw):
+        image_crops = [crops_per_image(rows, cols) for rows, cols in slice_grid.tolist()]
+        if sum(image_crops) != len(grid_hw):
             raise ValueError(
-                f"`slice_grid` describes {sum(crops_per_image)} crops but `image_grid_hw` has {len(grid_hw)}."
+                f"`slice_grid` describes {sum(image_crops)} crops but `image_grid_hw` has {len(grid_hw)}."
             )
 
         wanted = []  # `output_hidden_states` / `output_attentions` of the call, else of the config
@@ -456,11 +413,9 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
         # The tower runs up to the feature layer only, unless its outputs were asked for (then it runs whole).
         feature_state = layer % num_states
         layers = None if wanted else cuttable_layers(self.vision_tower)
-        tokens, per_crop = None, {name: [None] * len(grid_hw) for name in wanted}
-        patch = self.config.vision_config.patch_size
-        for (height, width), indices, images in crops_by_shape(
-            pixel_values.to(self.vision_tower.dtype), grid_hw, patch
-        ):
+        per_crop = {name: [None] * len(grid_hw) for name in wanted}
+
+        def encode(images: torch.Tensor, height: int, width: int, indices: list[int]) -> torch.Tensor:
             with first_layers_only(layers, max(feature_state, 1)):  # embeddings are recorded as the first layer runs
                 outputs = self.vision_tower(
                     pixel_values=images,
@@ -470,10 +425,6 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
                     return_dict=True,
                     **kwargs,
                 )
-            compressed = self.resampler(outputs.hidden_states[feature_state][:, -height * width :], height, width)
-            if tokens is None:
-                tokens = compressed.new_empty(len(grid_hw), *compressed.shape[1:])
-            tokens[indices] = compressed
             for name in wanted:
                 if outputs.get(name) is None:
                     raise ValueError(
@@ -481,8 +432,11 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
                     )
                 for position, index in enumerate(indices):
                     per_crop[name][index] = tuple(state[position] for state in outputs[name])
+            return self.resampler(outputs.hidden_states[feature_state][:, -height * width :], height, width)
 
-        per_image = [t.flatten(0, 1) for t in tokens.split(crops_per_image)] if tokens is not None else []
+        pixel_values = pixel_values.to(self.vision_tower.dtype)
+        tokens = encode_by_shape(pixel_values, grid_hw, self.config.vision_config.patch_size, encode)
+        per_image = [t.flatten(0, 1) for t in tokens.split(image_crops)] if tokens is not None else []
         extra = {name: tuple(zip(*states)) for name, states in per_crop.items() if tokens is not None}
         return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=per_image, **extra)
 

@@ -14,7 +14,7 @@ from PIL import Image
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from modeling_llava_uhd import LlavaUhdProcessor, UnusableSampleError
-from modeling_llava_uhd.modeling_llava_uhd import image_schema_mask
+from modeling_llava_uhd.layout_llava_uhd import image_schema_mask
 
 from .llava_format import BadRowError, OnBadRow, brief, check_on_bad_row
 
