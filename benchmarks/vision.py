@@ -12,7 +12,7 @@ each after the reference's pre-resize), all with the same random weights:
 * grouped, same computation: one such forward per distinct crop shape (what this package did before);
 * `get_image_features` (ours): one vision-tower forward per shape, the feature layer read from the tower's own hidden
   states; queries projected once, keys and values projected before the (separable) RoI pooling, position tables and
-  RoIAlign maps cached per shape; the tower stops after the feature layer.
+  RoIAlign maps cached per shape; the tower runs whole, through its own forward.
 Configs: `small` has ViT-L's depth (24 layers) at 128 wide (2 heads of 64) and a 512-wide resampler (4 heads of 128),
 so it runs on a CPU; `vit-l` is CLIP ViT-L/14-336 with a 5120-wide resampler (13B), the real sizes; `tiny` is the
 test suite's.

@@ -1,4 +1,4 @@
-"""The grouped vision path (the vision tower run whole, its feature layer, the resampler) equals the stock computation."""
+"""The grouped vision path (the whole vision tower, its feature layer, the resampler) equals the stock computation."""
 
 import pytest
 import torch
