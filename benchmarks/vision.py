@@ -44,10 +44,10 @@ RESAMPLER_WIDTH = {"tiny": 64, "small": 512, "vit-l": 5120}
 
 
 def build_model(name: str, projector_type: str, device: str, dtype: torch.dtype) -> LlavaUhdForConditionalGeneration:
-    """Vision tower and resampler of config `name` with random weights; a one-layer language model of the
-    resampler's width (only its embeddings matter here)."""
+    """Vision tower and resampler of config `name` with random weights (the resampler's heads by the config's rule for
+    `projector_type`); a one-layer language model of the resampler's width (only its embeddings matter here)."""
     width = RESAMPLER_WIDTH[name]
-    heads = max(width // 128, 1)  # as for Vicuna: heads of 128
+    heads = max(width // 128, 1)  # the language model's, as for Vicuna: heads of 128
     config = LlavaUhdConfig(
         vision_config=dict(model_type="clip_vision_model", patch_size=14, image_size=336, **CONFIGS[name]),
         text_config=dict(
@@ -56,7 +56,6 @@ def build_model(name: str, projector_type: str, device: str, dtype: torch.dtype)
         ),
         projector_type=projector_type,
         image_token_id=1,
-        resampler_num_heads=heads,
     )  # fmt: skip
     torch.manual_seed(0)
     with torch.device(device):
