@@ -69,7 +69,7 @@ def llava_uhd(llm: str, projector_type: str, size: tuple[int, int], text_tokens:
     config = LlavaUhdConfig(
         vision_config=VIT_L, text_config=text_config(llm), projector_type=projector_type, image_token_id=32000
     )
-    processor = LlavaUhdImageProcessor(max_slice_nums=6 if paper else 7, max_image_size=None if paper else 1024)
+    processor = LlavaUhdImageProcessor(max_slice_nums=6 if paper else 7, max_image_size=0 if paper else 1024)
     layout = processor.get_slice_layout(height=size[1], width=size[0])
     patch = processor.patch_size
     grid_hw = torch.tensor(

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageOps
 
-from .configuration_llava_uhd import LlavaUhdConfig
-from .image_processing_llava_uhd import LlavaUhdImageProcessor, SliceLayout
+from .configuration_llava_uhd import DEFAULT_NUM_QUERIES, LlavaUhdConfig
+from .image_processing_llava_uhd import NO_PRE_RESIZE, LlavaUhdImageProcessor, SliceLayout
 from .layout_llava_uhd import schema_token_counts
 
 
@@ -47,9 +47,9 @@ def _positive_int(value: str) -> int:
     return number
 
 
-def _max_image_size(value: str) -> int | None:
+def _max_image_size(value: str) -> int:
     if value.lower() == "none":
-        return None
+        return NO_PRE_RESIZE
     try:
         return _positive_int(value)
     except argparse.ArgumentTypeError:
@@ -168,12 +168,12 @@ def save_image(image: Image.Image, out: str, image_format: str) -> None:
 
 
 def slices(args: argparse.Namespace) -> None:
-    processor = LlavaUhdImageProcessor(max_image_size=args.max_image_size)
+    processor = LlavaUhdImageProcessor()
     image = open_image(args.image)
     image_format = output_format(args.out, args.image, args.overwrite) if args.out else None
     if processor.apply_exif_orientation:  # the processor slices the upright photo
         image = ImageOps.exif_transpose(image)
-    layout = processor.get_slice_layout(image.height, image.width, args.max_slices)
+    layout = processor.get_slice_layout(image.height, image.width, args.max_slices, args.max_image_size)
     image_tokens, separators = image_token_cost(layout, args.num_queries)
     print(f"image:     {args.image} ({image.width}x{image.height}, W x H)")
     print(f"sliced at: {layout.image_size[1]}x{layout.image_size[0]}")
@@ -401,11 +401,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     slice_parser = commands.add_parser("slices", parents=[common], help="print (and draw) how an image is sliced")
     slice_parser.add_argument("image", help="image file")
-    slice_parser.add_argument("--max-slices", type=_positive_int, default=None, help="most slices (default 7)")
+    defaults = LlavaUhdImageProcessor  # `None`: the image processor's own setting
     slice_parser.add_argument(
-        "--max-image-size", type=_max_image_size, default=1024, help="long-side pre-resize, or 'none' (default 1024)"
+        "--max-slices", type=_positive_int, help=f"most slices (default {defaults.max_slice_nums})"
     )
-    slice_parser.add_argument("--num-queries", type=_positive_int, default=144, help="tokens per crop (default 144)")
+    slice_parser.add_argument(
+        "--max-image-size",
+        type=_max_image_size,
+        help=f"long-side pre-resize, or 'none' (default {defaults.max_image_size})",
+    )
+    queries = DEFAULT_NUM_QUERIES["spatial_resampler"]
+    slice_parser.add_argument(
+        "--num-queries", type=_positive_int, default=queries, help=f"tokens per crop (default {queries})"
+    )
     slice_parser.add_argument(
         "--out", help="write the image with the slice grid drawn on it to this new file (.png, .jpg...)"
     )

@@ -3,7 +3,6 @@
 import math
 import warnings
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +14,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import logging, output_capturing
+from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_llava_uhd import LlavaUhdConfig
@@ -146,40 +145,6 @@ def never_generated(image_token_id: int, eos_token_id: int | list[int] | None, p
     return {image_token_id} | ({pad_token_id} - ends - {None})
 
 
-def cuttable_layers(tower: nn.Module) -> nn.ModuleList | None:
-    """The list of `tower`'s layers whose outputs are its hidden states, as transformers records them
-    (`_can_record_outputs["hidden_states"]`), if they form one `nn.ModuleList` of `num_hidden_layers`; else `None`.
-    transformers installs its output-capturing hooks on the first call that asks for outputs: they are installed
-    here, on every layer, so that a call with the list cut does not install them on the remaining layers only."""
-    spec = (getattr(tower, "_can_record_outputs", None) or {}).get("hidden_states")
-    layer_class = getattr(spec, "target_class", spec)
-    install_hooks = getattr(output_capturing, "maybe_install_capturing_hooks", None)
-    if not isinstance(layer_class, type) or install_hooks is None:
-        return None
-    lists = [
-        module
-        for module in tower.modules()
-        if isinstance(module, nn.ModuleList) and len(module) and all(isinstance(m, layer_class) for m in module)
-    ]
-    if len(lists) != 1 or len(lists[0]) != getattr(tower.config, "num_hidden_layers", None):
-        return None
-    install_hooks(tower)
-    return lists[0]
-
-
-@contextmanager
-def first_layers_only(layers: nn.ModuleList | None, count: int):
-    """For the duration, `layers` holds only its first `count` layers (the model runs no further than it needs);
-    restored on exit, also after an error. `None`: nothing changes."""
-    if layers is None:
-        yield
-        return
-    kept = layers._modules
-    layers._modules = OrderedDict(list(kept.items())[:count])
-    try:
-        yield
-    finally:
-        layers._modules = kept
 
 
 def eager_attention_forward(
@@ -378,9 +343,8 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
         """Encode packed crops (see `LlavaUhdImageProcessor`) into `num_queries` tokens per crop.
 
         Crops are grouped by patch grid: one vision-tower forward (positions interpolated to the grid) per distinct
-        shape, which stops after the layer that gives hidden state `vision_feature_layer` (its layer list is cut for
-        the call, see `cuttable_layers`; towers whose layers are not one such list run whole). Its patch features (a
-        class token, when the tower has one, dropped) feed the resampler. Returns `last_hidden_state`
+        shape. The patch features of its hidden state `vision_feature_layer` (a class token, when the tower has one,
+        dropped) feed the resampler. Returns `last_hidden_state`
         `[crops, num_queries, hidden]` and `pooler_output`: one `[crops_of_image * num_queries, hidden]` tensor per
         image, crops in schema order (slices row-major, then the overview). With `output_hidden_states` /
         `output_attentions`, `hidden_states[layer][crop]` and `attentions[layer][crop]` hold the tower's own outputs
@@ -410,21 +374,17 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
             requested = kwargs.pop(f"output_{name}", None)
             if getattr(self.config, f"output_{name}", False) if requested is None else requested:
                 wanted.append(name)
-        # The tower runs up to the feature layer only, unless its outputs were asked for (then it runs whole).
-        feature_state = layer % num_states
-        layers = None if wanted else cuttable_layers(self.vision_tower)
         per_crop = {name: [None] * len(grid_hw) for name in wanted}
 
         def encode(images: torch.Tensor, height: int, width: int, indices: list[int]) -> torch.Tensor:
-            with first_layers_only(layers, max(feature_state, 1)):  # embeddings are recorded as the first layer runs
-                outputs = self.vision_tower(
-                    pixel_values=images,
-                    interpolate_pos_encoding=True,
-                    output_hidden_states=True,
-                    output_attentions="attentions" in wanted,
-                    return_dict=True,
-                    **kwargs,
-                )
+            outputs = self.vision_tower(
+                pixel_values=images,
+                interpolate_pos_encoding=True,
+                output_hidden_states=True,
+                output_attentions="attentions" in wanted,
+                return_dict=True,
+                **kwargs,
+            )
             for name in wanted:
                 if outputs.get(name) is None:
                     raise ValueError(
@@ -432,7 +392,7 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
                     )
                 for position, index in enumerate(indices):
                     per_crop[name][index] = tuple(state[position] for state in outputs[name])
-            return self.resampler(outputs.hidden_states[feature_state][:, -height * width :], height, width)
+            return self.resampler(outputs.hidden_states[layer][:, -height * width :], height, width)
 
         pixel_values = pixel_values.to(self.vision_tower.dtype)
         tokens = encode_by_shape(pixel_values, grid_hw, self.config.vision_config.patch_size, encode)
