@@ -66,7 +66,7 @@ def test_crops_are_encoded_once_per_shape_and_come_back_in_order():
 
 def test_crops_are_height_by_width_as_the_image_processor_packs_them():
     """A tall photo's overview comes back as an image `height x width` whose pixels are the normalised PIL resize."""
-    processor = LlavaUhdImageProcessor(max_image_size=None, max_slice_nums=1)
+    processor = LlavaUhdImageProcessor(max_image_size=0, max_slice_nums=1)
     image = gradient(200, 500)  # W x H: tall
     out = processor(image)
     (height, width), indices, crops = crops_by_shape(out["pixel_values"], out["image_grid_hw"].tolist(), 14)[0]
