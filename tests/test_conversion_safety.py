@@ -36,36 +36,25 @@ with ExitStack() as stack:  # a conversion that still runs holds its folders
     print("holding", flush=True)
     time.sleep(300)
 """
-PAUSE_ASIDE = """
+PAUSE_AT_RENAME = """
 import sys, time
 from pathlib import Path
 import conversion.convert_llava_uhd as converter
 rename = Path.rename
-def rename_and_pause(self, target):  # a long pause once the earlier conversion is aside: time to kill the conversion
-    moved = rename(self, target)
-    if ".llava-uhd-replaced-" in Path(target).name:
-        print("aside", flush=True)
-        time.sleep(300)
-    return moved
-Path.rename = rename_and_pause
-sys.exit(converter.main(sys.argv[1:]))
-"""
-PAUSE_MOVE = """
-import sys, time
-from pathlib import Path
-import conversion.convert_llava_uhd as converter
-rename = Path.rename
-moved = []
-def rename_and_pause(self, target):  # a long pause after 3 files went in: time to kill the conversion
+matched = []
+def rename_and_pause(self, target):  # a long pause after the chosen rename: time to kill the conversion
     renamed = rename(self, target)
-    moved.append(self.parent.name.startswith(".llava-uhd-moving-"))
-    if sum(moved) == 3:
-        print("moving", flush=True)
+    matched.append({matches})
+    if sum(matched) == {count} and matched[-1]:
+        print({say!r}, flush=True)
         time.sleep(300)
     return renamed
 Path.rename = rename_and_pause
 sys.exit(converter.main(sys.argv[1:]))
 """
+# Once the earlier conversion is moved aside; after 3 files went into an output staged in place.
+PAUSE_ASIDE = PAUSE_AT_RENAME.format(matches='".llava-uhd-replaced-" in Path(target).name', count=1, say="aside")
+PAUSE_MOVE = PAUSE_AT_RENAME.format(matches='self.parent.name.startswith(".llava-uhd-moving-")', count=3, say="moving")
 SLOW_WRITES = """
 import sys, time
 import conversion.convert_llava_uhd as converter
