@@ -13,3 +13,6 @@ pip uninstall -q -y torchvision torchaudio torchcodec
 pip install -q -e ".[test]"
 python -c "import torch, transformers, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
 python -m pytest -q tests/test_vllm.py tests/test_vllm_server.py
+# The real-width tier's vLLM test: a release-width checkpoint (tests/realwidth.py), converted and served untouched,
+# gives what transformers computes (the checkpoint, conversion and transformers steps run here too, one at a time).
+python -m pytest -q -m slow tests/test_vllm.py

@@ -3,8 +3,8 @@
     python -m conversion.publish FOLDER ORG/NAME [--public] [--dry-run]
 
 Only the files the conversion wrote (its manifest lists them) are uploaded, once each is there as the conversion wrote
-it (size and sha256) and the weights open; anything else in the folder stays local. The repo is created private unless `--public`; an existing
-repo keeps its visibility. The token comes from the environment (`HF_TOKEN`) or `huggingface-cli login`.
+it (size and sha256) and the weights open; anything else in the folder stays local. The repo is created private
+unless `--public`; an existing repo keeps its visibility. The token comes from the environment (`HF_TOKEN`) or `huggingface-cli login`.
 """
 
 import argparse
@@ -13,7 +13,8 @@ from pathlib import Path
 
 from huggingface_hub.utils import validate_repo_id
 
-from .convert_llava_uhd import OneLineParser, converted_files, one_line
+from .common import OneLineParser, one_line
+from .output import converted_files
 
 
 def publish(folder: str | Path, repo_id: str, public: bool = False, dry_run: bool = False) -> str:

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import generate_merges
 from transformers.utils import cached_file
+
+from .common import ConversionError
 
 SPIECE_UNDERLINE = "▁"
 # sentencepiece's ModelProto.SentencePiece.Type and TrainerSpec.ModelType values.
@@ -29,7 +31,7 @@ TOKENIZER_FILES = (
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "additional_special_tokens")
 
 
-class TokenizerConversionError(ValueError):
+class TokenizerConversionError(ConversionError):
     """The original tokenizer cannot be read or reproduced; the message says why."""
 
 
@@ -47,7 +49,16 @@ def load_original_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
         if "added_tokens_decoder" not in settings and files["added_tokens.json"] is not None:
             settings["added_tokens_decoder"] = _legacy_added_tokens(files["added_tokens.json"], settings)
         return sentencepiece_tokenizer(files["tokenizer.model"], settings)
-    return AutoTokenizer.from_pretrained(source)
+    return AutoTokenizer.from_pretrained(source, config=model_config(source))
+
+
+def model_config(source: str | Path) -> PreTrainedConfig:
+    """The model config that `AutoTokenizer` reads beside a tokenizer, read as it reads it but without the warning its
+    fallback gives for a model type transformers does not know (the originals' `llava_llama`, `llava_qwen2`)."""
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (ValueError, OSError):
+        return PreTrainedConfig.from_dict(PreTrainedConfig.get_config_dict(source)[0])
 
 
 def sentencepiece_tokenizer(model_file: str | Path, settings: dict[str, Any]) -> PreTrainedTokenizerFast:
@@ -183,4 +194,20 @@ def _content(token: str | dict | None) -> str | None:
     return token.get("content") if isinstance(token, dict) else token
 
 
-__all__ = ["TokenizerConversionError", "load_original_tokenizer", "sentencepiece_tokenizer"]
+def prepare_tokenizer(source: str | Path):
+    """The original tokenizer (see `load_original_tokenizer`) with `<image>`, `<pad>` when it has no pad token, and
+    left padding: batched generation (transformers' pipelines pad as the tokenizer says) needs it, and training
+    collators ask for right padding themselves."""
+    tokenizer = load_original_tokenizer(source)
+    added = {}
+    if "<image>" not in tokenizer.get_vocab():
+        added["additional_special_tokens"] = ["<image>"]
+    if tokenizer.pad_token is None:
+        added["pad_token"] = "<pad>"
+    if added:
+        tokenizer.add_special_tokens(added)
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"  # `save_pretrained` writes init_kwargs
+    return tokenizer
+
+
+__all__ = ["TokenizerConversionError", "load_original_tokenizer", "prepare_tokenizer", "sentencepiece_tokenizer"]

@@ -274,7 +274,7 @@ class LlavaUhdResamplerAttention(nn.Module):
         if pool is not None:  # one attention per (crop, window): its query against its pooled positions
             query = query.reshape(crops * num_queries, 1, -1)
             key, value = pool(key).flatten(0, 1), pool(value).flatten(0, 1)
-        key, value = key + b_k, value + b_v
+        key, value = key + b_k, value + b_v  # b_k changes no output (softmax ignores a per-query constant)
 
         def split_heads(x: torch.Tensor) -> torch.Tensor:  # [batch, positions, dim] -> [batch, heads, positions, -1]
             return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)

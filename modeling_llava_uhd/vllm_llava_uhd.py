@@ -4,6 +4,7 @@ Registered with vLLM by the `vllm.general_plugins` entry point (`modeling_llava_
 `vllm serve <converted folder>` and `LLM(model=<converted folder>)` load it. Not part of the Hub bundle.
 """
 
+import copy
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -185,7 +186,11 @@ class LlavaUhdForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP
                 prefix=maybe_prefix(prefix, "vision_tower"),
             )
             self.vision_tower.vision_model.embeddings = LlavaUhdVisionEmbeddings(vision_config)
-            self.resampler = LlavaUhdResampler(config)
+            # The resampler's attention is `config._attn_implementation`, which transformers sets when it loads a model
+            # and vLLM leaves unset: SDPA, transformers' own default, so both compute the resampler alike.
+            resampler_config = copy.deepcopy(config)
+            resampler_config._attn_implementation = "sdpa"
+            self.resampler = LlavaUhdResampler(resampler_config)
         with self._mark_language_model(vllm_config):
             architectures = text_config.architectures or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[text_config.model_type]]
             self.language_model = init_vllm_registered_model(

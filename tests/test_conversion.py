@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 from tiny import make_model, make_tokenizer, photo
 from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPConfig, CLIPModel
 
-from conversion.convert_llava_uhd import ConversionError, build_parser, convert
+from conversion.convert_llava_uhd import ConversionError, build_parser, convert, grow_embedding
 from conversion.publish import main as publish_main
-from modeling_llava_uhd import LlavaUhdForConditionalGeneration
+from modeling_llava_uhd import LlavaUhdConfig, LlavaUhdForConditionalGeneration
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,24 +26,30 @@ def original_key(name: str) -> str:
     return name.replace("model.language_model.", "model.")
 
 
-def write_original(folder: Path, projector_type: str = "spatial_resampler", shards: int = 2, fmt: str = "safetensors",
-                   llm: str = "llama") -> LlavaUhdForConditionalGeneration:
-    """An original-layout checkpoint (+ a CLIP folder beside it) holding the weights of a tiny random model."""
-    model = make_model(projector_type, seed=3, text_model_type=llm)
-    text = model.config.text_config.to_dict()
-    config = {
+def original_config(config: LlavaUhdConfig) -> dict:
+    """The original LLaVA config.json of a model of `config`: the LLM's fields and the LLaVA (`mm_*`) ones."""
+    text = config.text_config.to_dict()
+    qwen = text["model_type"] == "qwen2"
+    spatial = config.projector_type == "spatial_resampler"
+    return {
         **{k: v for k, v in text.items() if k not in ("model_type", "architectures")},
-        "architectures": ["LlavaQwen2ForCausalLM" if llm == "qwen2" else "LlavaLlamaForCausalLM"],
-        "model_type": "llava_qwen2" if llm == "qwen2" else "llava_llama",
-        "mm_projector_type": "adapt_spatial_resampler" if projector_type == "spatial_resampler" else "resampler",
-        "mm_hidden_size": model.config.vision_config.hidden_size,
-        "mm_vision_select_layer": -2,
+        "architectures": ["LlavaQwen2ForCausalLM" if qwen else "LlavaLlamaForCausalLM"],
+        "model_type": "llava_qwen2" if qwen else "llava_llama",
+        "mm_projector_type": "adapt_spatial_resampler" if spatial else "resampler",
+        "mm_hidden_size": config.vision_config.hidden_size,
+        "mm_vision_select_layer": config.vision_feature_layer,
         "mm_vision_tower": "clip",
         "image_aspect_ratio": "pad",
         "tokenizer_model_max_length": 2048,
     }
+
+
+def write_original(folder: Path, projector_type: str = "spatial_resampler", shards: int = 2, fmt: str = "safetensors",
+                   llm: str = "llama") -> LlavaUhdForConditionalGeneration:
+    """An original-layout checkpoint (+ a CLIP folder beside it) holding the weights of a tiny random model."""
+    model = make_model(projector_type, seed=3, text_model_type=llm)
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps(original_config(model.config)))
     make_tokenizer().save_pretrained(folder)
     state = {original_key(k): v for k, v in model.state_dict().items() if not k.startswith("model.vision_tower.")}
     state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # old checkpoints carry these buffers
@@ -105,6 +111,7 @@ def test_convert_maps_every_weight(tmp_path, projector_type, fmt, llm):
     source = write_original(tmp_path / "original", projector_type, fmt=fmt, llm=llm)
     out = run_convert(tmp_path, tmp_path / "original")
     config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlavaUhdForConditionalGeneration"]  # serving engines pick the model by it
     assert config["projector_type"] == projector_type
     assert config["text_config"]["model_type"] == llm
     assert config["num_queries"] == source.config.num_queries
@@ -140,6 +147,22 @@ def test_conversion_is_deterministic_and_round_trips(tmp_path):
     model.save_pretrained(tmp_path / "resaved")
     AutoProcessor.from_pretrained(first).save_pretrained(tmp_path / "resaved")
     torch.testing.assert_close(logits(first), logits(tmp_path / "resaved"), atol=0, rtol=0)
+
+
+def test_grown_embedding_rows_have_the_existing_rows_mean_and_scaled_covariance():
+    """The rows the conversion appends are draws from a normal with the existing rows' mean and 1e-5 x their
+    covariance, the same draws every time; the existing rows are kept, in the output dtype."""
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [-0.3, 0.2, 0.5]], dtype=torch.float64)
+    weight = (torch.randn(3000, 3, generator=generator, dtype=torch.float64) @ mixing + torch.tensor([1.0, -2.0, 0.5]))
+    weight = weight.to(torch.bfloat16)
+    grown = grow_embedding(weight, 3000 + 20000, seed=1, dtype=torch.float32)
+    assert grown.dtype == torch.float32 and torch.equal(grown[:3000], weight.float())
+    assert torch.equal(grown, grow_embedding(weight, 23000, seed=1, dtype=torch.float32))
+    old, new = weight.double(), grown[3000:].double()
+    torch.testing.assert_close(new.mean(0), old.mean(0), atol=1e-4, rtol=0)  # ~5 standard errors
+    expected = 1e-5 * torch.cov(old.T, correction=0)
+    torch.testing.assert_close(torch.cov(new.T), expected, atol=0.05 * expected.abs().max(), rtol=0)
 
 
 def test_tokenizer_gets_image_and_pad_tokens(tmp_path):
@@ -260,6 +283,7 @@ def test_cli_entry_point_prints_summary(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "parameters" in result.stdout and "bfloat16" in result.stdout
+    assert "You are using a model of type" not in result.stderr  # transformers reading `llava_llama` as a config
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
     assert model.dtype == torch.bfloat16
     stored = {}
@@ -275,7 +299,7 @@ def test_cli_entry_point_prints_summary(tmp_path):
 def test_sentencepiece_tokenizer_problems_are_named(tmp_path, monkeypatch):
     """A `tokenizer.model`-only original: without sentencepiece the error says what to install; a damaged file, a
     config that is not a sentencepiece BPE model, are named."""
-    from conversion.convert_llava_uhd import prepare_tokenizer
+    from conversion.tokenizer import prepare_tokenizer
 
     folder = tmp_path / "tokenizer"
     folder.mkdir()

@@ -20,14 +20,17 @@ from safetensors.torch import save_file
 from test_conversion import ROOT, run_convert, tiny_separators, write_original
 
 import conversion.convert_llava_uhd as converter
-from conversion.convert_llava_uhd import MANIFEST, ConversionError, converted_files, main, tidy_siblings
+import conversion.output as output_folder
+from conversion.common import ConversionError
+from conversion.convert_llava_uhd import main
+from conversion.output import MANIFEST, converted_files, tidy_siblings
 from conversion.publish import main as publish_main
 
 HOLD = """
 import sys, time
 from contextlib import ExitStack
 from pathlib import Path
-from conversion.convert_llava_uhd import locked
+from conversion.output import locked
 with ExitStack() as stack:  # a conversion that still runs holds its folders
     assert all(stack.enter_context(locked(Path(folder))) for folder in sys.argv[1:])
     print("holding", flush=True)
@@ -258,7 +261,7 @@ def test_tidy_tells_killed_writers_by_their_locks_not_their_process_ids(source, 
 def test_without_folder_locks_process_ids_decide(source, tmp_path, monkeypatch):
     """Where folders cannot be locked (Windows, some network filesystems), the writer's process id decides: a dead
     writer's folders are cleared, a live one's kept."""
-    monkeypatch.setattr(converter, "fcntl", None)
+    monkeypatch.setattr(output_folder, "fcntl", None)
     out = run_convert(tmp_path, source, "out")
     before = contents(out)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -599,7 +602,7 @@ def test_an_output_whose_parent_we_may_not_write_is_staged_inside_it(source, tmp
 def test_a_staging_folder_taken_before_it_is_locked_is_replaced(source, tmp_path, monkeypatch):
     """Another run tidying up removes our new staging folder in the instant before we lock it: the conversion takes
     a fresh one."""
-    locked, taken = converter.locked, []
+    locked, taken = output_folder.locked, []
 
     def racing(folder: Path):
         if ".llava-uhd-partial-" in folder.name and not taken:
@@ -607,6 +610,6 @@ def test_a_staging_folder_taken_before_it_is_locked_is_replaced(source, tmp_path
             shutil.rmtree(folder)
         return locked(folder)
 
-    monkeypatch.setattr(converter, "locked", racing)
+    monkeypatch.setattr(output_folder, "locked", racing)
     assert main(cli(source, tmp_path / "out")) == 0 and converted_files(tmp_path / "out") and len(taken) == 1
     assert hidden_siblings(tmp_path / "out") == []

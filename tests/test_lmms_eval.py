@@ -29,7 +29,7 @@ from lmms_eval.api.instance import Instance
 from PIL import Image
 from tiny import make_model, photo
 
-from conversion.convert_llava_uhd import prepare_tokenizer
+from conversion.tokenizer import prepare_tokenizer
 from modeling_llava_uhd import LlavaUhdImageProcessor, LlavaUhdProcessor, default_model_path
 from modeling_llava_uhd.lmms_eval_llava_uhd import LlavaUhd
 from processing.detail_task import make_sample

@@ -22,8 +22,8 @@ from PIL import Image
 from transformers import AutoTokenizer
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from conversion.convert_llava_uhd import ConversionError, prepare_tokenizer
-from conversion.tokenizer import load_original_tokenizer
+from conversion.common import ConversionError
+from conversion.tokenizer import load_original_tokenizer, prepare_tokenizer
 from modeling_llava_uhd import LlavaUhdImageProcessor, LlavaUhdProcessor
 from processing import convert_llava_row, make_collator, training_chat_template
 

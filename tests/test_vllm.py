@@ -1,11 +1,18 @@
 """LLaVA-UHD in vLLM (the `vllm.general_plugins` entry point): greedy tokens equal transformers' `generate` for both
-projector types and the default model, on images of many sizes submitted together; `max_slice_nums` per request.
+projector types and the default model, on images of many sizes submitted together; `max_slice_nums` per request;
+serving logs no transformers warning. Slow tier: a converted folder at the release's widths, untouched, gives
+transformers' prompt ids, greedy tokens and top-k log-probabilities.
 
 Runs where vLLM is installed (`.ci/vllm.sh` builds that environment); skipped elsewhere.
 """
 
 import gc
+import json
+import logging
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,11 +21,12 @@ pytest.importorskip("vllm")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: faster start, no fork
 
 import torch
+from realwidth import SCRIPT, run_measured
 from tiny import gradient, make_config, make_processor, photo
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from vllm import LLM, SamplingParams
 
-from conversion.convert_llava_uhd import prepare_tokenizer
+from conversion.tokenizer import prepare_tokenizer
 from modeling_llava_uhd import (
     LlavaUhdForConditionalGeneration,
     LlavaUhdImageProcessor,
@@ -50,11 +58,16 @@ def requests(processor) -> list[tuple[str, list, dict]]:
     groups = [[image] for image in pictures[:16]] + [pictures[16:18], pictures[18:21], [pictures[21], pictures[0]]]
     prompts = []
     for index, group in enumerate(groups):
-        content = [{"type": "image"}] * len(group) + [{"type": "text", "text": QUESTIONS[index % len(QUESTIONS)]}]
-        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
         kwargs = {"max_slice_nums": 1} if index % 4 == 1 else {}
-        prompts.append((text.removeprefix(processor.tokenizer.bos_token), group, kwargs))
+        prompts.append((chat_prompt(processor, len(group), QUESTIONS[index % len(QUESTIONS)]), group, kwargs))
     return prompts
+
+
+def chat_prompt(processor, num_images: int, question: str) -> str:
+    """The chat template's prompt for `num_images` images and `question`, the BOS left to vLLM's tokenizer."""
+    content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return text.removeprefix(processor.tokenizer.bos_token)
 
 
 def transformers_greedy(model, processor, prompt: str, group: list, **images_kwargs) -> tuple[list[int], list[int]]:
@@ -105,9 +118,24 @@ def vicuna_model_and_processor() -> tuple[LlavaUhdForConditionalGeneration, Llav
     return model, processor
 
 
+@contextmanager
+def transformers_warnings() -> Iterator[list[str]]:
+    """The messages transformers logs while the block runs, those it logs once per process included."""
+    logging.Logger.warning_once.cache_clear()  # transformers' `warning_once`: an lru_cache over the logger's calls
+    messages, handler = [], logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
 @pytest.fixture(scope="module", params=["spatial_resampler", "resampler", "vicuna tokenizer", "default model"])
 def served(request, tmp_path_factory):
-    """(vLLM engine, transformers model, processor) of one model, the engine shared by the module's tests."""
+    """(vLLM engine, transformers model, processor, what transformers logged while the engine started) of one model,
+    the engine shared by the module's tests."""
     if request.param == "default model":
         folder = default_model_path()
         model = AutoModelForImageTextToText.from_pretrained(folder).eval()
@@ -120,14 +148,15 @@ def served(request, tmp_path_factory):
             model, processor = tiny_model(request.param), make_processor(num_queries=16)
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
-    llm = engine(folder)
-    yield llm, model, processor
+    with transformers_warnings() as warnings:
+        llm = engine(folder)
+    yield llm, model, processor, warnings
     del llm
     gc.collect()
 
 
 def test_greedy_tokens_equal_transformers_generate_batched(served):
-    llm, model, processor = served
+    llm, model, processor, _ = served
     prompts = requests(processor)
     assert sum(len(group) for _, group, _ in prompts) >= 20
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
@@ -144,7 +173,7 @@ def test_greedy_tokens_equal_transformers_generate_batched(served):
 
 
 def test_max_slice_nums_per_request(served):
-    llm, model, processor = served
+    llm, model, processor, _ = served
     prompt, group, _ = requests(processor)[8]  # 1500 x 1100: six slices by default
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
     outputs = llm.generate(
@@ -161,3 +190,49 @@ def test_max_slice_nums_per_request(served):
         assert list(output.outputs[0].token_ids) == expected_tokens
         lengths.append(len(expected_ids))
     assert lengths[0] < lengths[1] < lengths[2]
+
+
+def test_engine_logs_no_transformers_warning(served):
+    """vLLM loads configs without an attention implementation; the resampler inside it has one set, so neither the
+    engine's start nor a request with an image (a new one: nothing cached) logs a warning from transformers, such as
+    "You tried to access the `AttentionInterface` with a `config._attn_implementation` set to `None`"."""
+    llm, _, processor, started = served
+    image = gradient(730, 410, seed=99)
+    with transformers_warnings() as serving:
+        llm.generate(
+            {"prompt": chat_prompt(processor, 1, QUESTIONS[0]), "multi_modal_data": {"image": image}},
+            SamplingParams(max_tokens=1, temperature=0.0),
+        )
+    assert started == [] and serving == []
+
+
+def folder_state(folder: Path) -> dict[str, tuple[int, int]]:
+    return {path.name: (path.stat().st_size, path.stat().st_mtime_ns) for path in folder.iterdir()}
+
+
+@pytest.mark.slow
+def test_converted_folder_at_real_width_serves_what_transformers_computes(
+    realwidth_conversion, realwidth_transformers, realwidth_photo, realwidth_dir
+):
+    """The converter's folder of the release-width checkpoint (tests/realwidth.py), untouched, in vLLM's CPU build
+    (float32): transformers' prompt ids and greedy tokens, and its top-k log-probabilities within 1e-4, with no
+    warning from transformers."""
+    folder, out = realwidth_conversion.output, realwidth_dir / "vllm.json"
+    before = folder_state(folder)
+    command = [sys.executable, str(SCRIPT), "vllm", str(folder), str(realwidth_photo), str(realwidth_transformers)]
+    # vLLM serves on one thread unless OMP_NUM_THREADS says otherwise: as many as transformers' step had.
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    result, peak, wall = run_measured([*command, str(out)], 1500, cwd=realwidth_dir, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert folder_state(folder) == before
+    assert "AttentionInterface" not in result.stdout + result.stderr
+    expected, served = json.loads(realwidth_transformers.read_text()), json.loads(out.read_text())
+    assert served["prompt_ids"] == expected["prompt_ids"] and served["tokens"] == expected["tokens"]
+    differences = []
+    for theirs, ours in zip(expected["logprobs"], served["logprobs"], strict=True):
+        theirs = dict(theirs)
+        assert {token for token, _ in ours} == set(theirs)
+        differences += [abs(logprob - theirs[token]) for token, logprob in ours]
+    print(f"\nreal width: vLLM in {wall:.0f} s (peak RssAnon {peak / 2**30:.2f} GiB), {len(served['prompt_ids'])} "
+          f"prompt ids, top-{len(ours)} log-probabilities within {max(differences):.1e} of transformers'")
+    assert max(differences) < 1e-4

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, CLIPVisionModel
 
-from conversion.convert_llava_uhd import prepare_tokenizer
+from conversion.tokenizer import prepare_tokenizer
 from modeling_llava_uhd import (
     LlavaUhdConfig,
     LlavaUhdForConditionalGeneration,
