@@ -19,46 +19,29 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from compressed_tensors.compressors import BaseCompressor, ModelCompressor
-from compressed_tensors.config import CompressionFormat
-from compressed_tensors.quantization import (
-    QuantizationArgs,
-    QuantizationConfig,
-    QuantizationScheme,
-    QuantizationStatus,
-    QuantizationStrategy,
-    preset_name_to_scheme,
-)
-from compressed_tensors.quantization.utils import calculate_qparams
-from compressed_tensors.utils.match import match_named_modules
 
 from modeling_llava_uhd import LlavaUhdConfig, LlavaUhdForConditionalGeneration
 
-# The converter's output transaction (staging folder, manifest, tidying what killed runs left): one import to move.
-from .convert_llava_uhd import (
+from .common import ConversionError, OneLineParser, one_line, read_json
+from .convert_llava_uhd import ShardWriter, iter_tensors, weight_files
+from .output import (
     MANIFEST,
-    ConversionError,
-    OneLineParser,
-    ShardWriter,
     check_output,
     converted_files,
-    iter_tensors,
     move_into_place,
-    one_line,
-    read_json,
     staging_folder,
     tidy_siblings,
-    weight_files,
     write_manifest,
 )
 
-# `--scheme` -> (compressed-tensors preset, the format its weights are stored in).
-SCHEMES = {
-    "w8a8-int8": ("W8A8", CompressionFormat.int_quantized),
-    "w4a16": ("W4A16", CompressionFormat.pack_quantized),
-}
+if TYPE_CHECKING:
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
+# `--scheme` -> (compressed-tensors preset, compressed-tensors format: how the weights are stored).
+SCHEMES = {"w8a8-int8": ("W8A8", "int-quantized"), "w4a16": ("W4A16", "pack-quantized")}
 # Not quantized: the tower and the resampler (any name holding them: transformers' `model.vision_tower.`, vLLM's
 # `vision_tower.vision_model.`) and the LM head.
 IGNORE = ["lm_head", r"re:.*vision_tower\..*", r"re:.*resampler\..*"]
@@ -67,24 +50,32 @@ TARGETS = ["Linear"]
 REWRITTEN = {"config.json", MANIFEST, "model.safetensors.index.json", "pytorch_model.bin.index.json"}
 
 
-def quantization_config(scheme: str) -> QuantizationConfig:
+def quantization_config(scheme: str) -> "QuantizationConfig":
     """The checkpoint's compressed-tensors config for `--scheme` (an unknown one is refused, listing the known)."""
     if scheme not in SCHEMES:
         raise ConversionError(f"--scheme {scheme!r} is unknown; choose one of {', '.join(SCHEMES)}.")
+    try:
+        from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, preset_name_to_scheme
+    except ImportError as error:
+        raise ConversionError('Quantizing needs compressed-tensors: pip install "llava-uhd[quant]".') from error
     preset, storage = SCHEMES[scheme]
     return QuantizationConfig(
         config_groups={"group_0": preset_name_to_scheme(preset, TARGETS)},
         ignore=IGNORE,
-        format=storage.value,
+        format=storage,
         quantization_status=QuantizationStatus.COMPRESSED,
     )
 
 
-def quantize_weight(weight: torch.Tensor, scheme: QuantizationScheme, storage: CompressionFormat) -> dict:
+def quantize_weight(weight: torch.Tensor, scheme: "QuantizationScheme", storage: str) -> dict[str, torch.Tensor]:
     """A linear layer's weight `[out, in]` as the tensors of its compressed module (names without the module's
-    prefix), rounded to nearest with the symmetric min-max scales of `scheme`; the scales are kept in the weight's
-    dtype, and the weight is rounded with exactly those."""
-    args: QuantizationArgs = scheme.weights
+    prefix), rounded to nearest with the symmetric min-max scales of `scheme`, stored as the compressed-tensors
+    format `storage`; the scales are kept in the weight's dtype, and the weight is rounded with exactly those."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationStrategy
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = scheme.weights
     values = weight.float()
     if args.strategy == QuantizationStrategy.GROUP:  # [out, in / group, group] -> scales [out, in / group]
         values, keepdim = values.unflatten(-1, (-1, args.group_size)), False
@@ -93,17 +84,18 @@ def quantize_weight(weight: torch.Tensor, scheme: QuantizationScheme, storage: C
     scale, zero_point = calculate_qparams(values.amin(-1, keepdim=keepdim), values.amax(-1, keepdim=keepdim), args)
     scale = scale.to(weight.dtype)
     state = {"weight": weight.float(), "weight_scale": scale.float(), "weight_zero_point": zero_point}
-    compressed = BaseCompressor.get_value_from_registry(storage.value).compress(state, scheme)
+    compressed = BaseCompressor.get_value_from_registry(storage).compress(state, scheme)
     if "weight_scale" in compressed:
         compressed["weight_scale"] = scale
     return compressed
 
 
-def check_device(device: str, scheme: QuantizationScheme, storage: CompressionFormat) -> torch.device:
+def check_device(device: str, scheme: "QuantizationScheme", storage: str) -> torch.device:
     """`device` as a torch device, once a small weight was quantized there with `scheme`."""
     try:
         probe = torch.ones(32, 256, device=device) / 7
-        quantize_weight(probe.to(torch.bfloat16), scheme, storage)
+        for tensor in quantize_weight(probe.to(torch.bfloat16), scheme, storage).values():
+            tensor.cpu()  # a device without storage (meta) fails here
     except (RuntimeError, ValueError, AssertionError, NotImplementedError) as error:
         raise ConversionError(
             f"--device {device!r} cannot run this scheme's quantization ({one_line(error)})."
@@ -128,9 +120,12 @@ def source_config(folder: Path) -> dict:
     return config
 
 
-def quantized_layers(config: dict, scheme: QuantizationScheme) -> dict[str, torch.Size]:
+def quantized_layers(config: dict, scheme: "QuantizationScheme") -> dict[str, torch.Size]:
     """`{module name: weight shape}` of the layers the scheme quantizes (the `Linear` modules outside `ignore`), from
     the model built on the meta device; a width the scheme cannot group is refused, naming the layer."""
+    from compressed_tensors.quantization import QuantizationStrategy
+    from compressed_tensors.utils.match import match_named_modules
+
     with torch.device("meta"):
         model = LlavaUhdForConditionalGeneration(LlavaUhdConfig.from_dict(config))
     layers = {name: module.weight.shape for name, module in match_named_modules(model, TARGETS, ignore=IGNORE)}
@@ -147,8 +142,8 @@ def write_quantized_weights(
     staging: Path,
     source: Path,
     layers: dict[str, torch.Size],
-    scheme: QuantizationScheme,
-    storage: CompressionFormat,
+    scheme: "QuantizationScheme",
+    storage: str,
     device: torch.device,
     max_shard_size: float,
 ) -> list[str]:
@@ -187,7 +182,7 @@ def quantize(
     the parameters); returns a summary."""
     config = quantization_config(scheme)
     (group,) = config.config_groups.values()
-    storage = CompressionFormat(config.format)
+    storage = config.format
     if not 0 < max_shard_size < float("inf"):
         raise ConversionError(f"--max-shard-size must be a positive number of GiB, got {max_shard_size}.")
     source = Path(folder).expanduser().resolve()
@@ -207,13 +202,15 @@ def quantize(
             if path.is_file() and not path.name.startswith(".") and path.name not in REWRITTEN and not is_weights:
                 shutil.copyfile(path, staging / path.name)
         (staging / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
+        from compressed_tensors.compressors import ModelCompressor
+
         ModelCompressor(quantization_config=config).update_config(str(staging))
         write_manifest(staging)
         converted_files(staging, hashes=False)
         check_output(output, {"FOLDER": source}, overwrite)  # again: the folder may have changed meanwhile
         move_into_place(staging, output)
     return {
-        "scheme": f"{scheme} ({storage.value}, round-to-nearest)",
+        "scheme": f"{scheme} ({storage}, round-to-nearest)",
         "quantized": f"{len(layers)} linear layers of the language model",
         "ignored": ", ".join(IGNORE),
         "shards": shards,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from benchmarks import flops, gpu, preprocess, vision
+from benchmarks import flops, gpu, preprocess, quantization, vision
 
 
 @pytest.fixture(autouse=True)
@@ -42,3 +42,10 @@ def test_gpu_refuses_without_cuda_and_runs_tiny_on_cpu(monkeypatch):
     rows = gpu.main(["--device", "cpu", "--tiny", "--iterations", "1", "--new-tokens", "2", "--dtype", "float32",
                      "--threads", "1"])  # fmt: skip
     assert [row["name"] for row in rows] == ["LLaVA-UHD release", "LLaVA-1.5 (transformers)"]
+
+
+def test_quantization_weights_table_from_the_shapes():
+    rows = {row["model"].split()[0]: row for row in quantization.main(["weights"])}
+    assert 26.5 < rows["13B"]["bf16"] < 27.5 and 14 < rows["7B"]["bf16"] < 14.5  # the "about 26 GB"
+    for row in rows.values():
+        assert row["w4a16"] < row["bnb-nf4"] < row["w8a8-int8"] == row["torchao-int8"] < row["bnb-int8"] < row["bf16"]
