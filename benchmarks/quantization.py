@@ -232,7 +232,7 @@ def realwidth(work: Path, device: str, iterations: int, positions: int, size: st
             "peak RSS": f"{result['peak'] / 2**30:.2f} GiB ({result['peak'] / anchor[0]['peak']:.2f}x)",
             "time / image": f"{result['seconds']:.1f} s ({result['seconds'] / anchor[0]['seconds']:.2f}x)",
             "top-1 = bf16": f"{int((logprobs.argmax(-1) == anchor[1].argmax(-1)).sum())}/{len(logprobs)}",
-            "max |d logprob|": float((logprobs.gather(-1, top) - anchor[1].gather(-1, top)).abs().max()),
+            "largest log-prob difference": float((logprobs.gather(-1, top) - anchor[1].gather(-1, top)).abs().max()),
         })  # fmt: skip
     return rows
 

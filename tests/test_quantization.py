@@ -4,8 +4,8 @@ scheme's block): each `quantization_config` loads with the vision tower, the res
 conversion.quantize` writes compressed-tensors checkpoints that transformers loads, and refuses bad input in one line
 without writing a file.
 
-Each scheme is skipped where its package (bitsandbytes, torchao, compressed-tensors: `pip install -e ".[quant]"`) is
-missing; torchao's int4 weight-only kernels need CUDA.
+Each scheme is skipped where its package is missing (bitsandbytes and compressed-tensors: `pip install -e ".[quant]"`;
+torchao >= 0.18 apart, see docs/quantization.md); torchao's int4 weight-only kernels need CUDA.
 """
 
 import hashlib
