@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
 
 from modeling_llava_uhd import LlavaUhdConfig, LlavaUhdForConditionalGeneration, LlavaUhdImageProcessor
+from modeling_llava_uhd.layout_llava_uhd import schema_token_counts
 
 from .common import parse_size, print_table
 from .vision import grouped_reference
@@ -68,7 +69,7 @@ def llava_uhd(llm: str, projector_type: str, size: tuple[int, int], text_tokens:
     config = LlavaUhdConfig(
         vision_config=VIT_L, text_config=text_config(llm), projector_type=projector_type, image_token_id=32000
     )
-    processor = LlavaUhdImageProcessor(max_slice_nums=6 if paper else 7, max_image_size=None if paper else 1024)
+    processor = LlavaUhdImageProcessor(max_slice_nums=6 if paper else 7, max_image_size=0 if paper else 1024)
     layout = processor.get_slice_layout(height=size[1], width=size[0])
     patch = processor.patch_size
     grid_hw = torch.tensor(
@@ -82,8 +83,7 @@ def llava_uhd(llm: str, projector_type: str, size: tuple[int, int], text_tokens:
         lambda: model.model.get_image_features(pixel_values, grid_hw, slice_grid), type(model.model.resampler)
     )
     reference = count_flops(lambda: grouped_reference(model, pixel_values, grid_hw))
-    # The spatial schema: num_queries tokens per crop and one separator after every slice.
-    visual_tokens = layout.num_crops * config.num_queries + layout.num_slices
+    visual_tokens = sum(schema_token_counts(*(layout.grid or (0, 0)), config.num_queries))  # separators included
     crops = ", ".join(f"{h}x{w}" for h, w in grid_hw.unique(dim=0).tolist())
     return dict(
         name=f"LLaVA-UHD {'paper' if paper else 'release'} ({config.num_queries} queries)",

@@ -11,8 +11,9 @@ For each LLM shape (Vicuna-7B / -13B, CLIP ViT-L/14-336, bfloat16) and attention
 * peak GPU memory allocated during the longer run;
 * preprocessing (CPU) is timed apart: `LlavaUhdImageProcessor` on the photo, transformers' `CLIPImageProcessor` for
   LLaVA-1.5.
-The prompt is `--text-tokens` random text ids around the image's tokens (LLaVA-UHD: 144 per crop plus one separator
-per slice; LLaVA-1.5: 576). With random weights the tokens mean nothing; the speed is that of the real shapes.
+The prompt is `--text-tokens` random text ids around the image's tokens (LLaVA-UHD: its spatial schema, with the
+separators of the default model's tokenizer; LLaVA-1.5: 576). With random weights the tokens mean nothing; the speed is
+that of the real shapes.
 """
 
 import argparse
@@ -22,16 +23,18 @@ import statistics
 import time
 
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
 
 from modeling_llava_uhd import LlavaUhdConfig, LlavaUhdForConditionalGeneration, LlavaUhdImageProcessor
+from modeling_llava_uhd.default_model import WEIGHTS
+from modeling_llava_uhd.layout_llava_uhd import schema_ids
+from modeling_llava_uhd.processing_llava_uhd import LlavaUhdProcessor
 
 from .common import machine, parse_size, photos, print_table, transformers_class
 from .flops import VIT_L, text_config
 from .vision import CONFIGS
 
 IMAGE_TOKEN_ID = 32000
-SEPARATOR_ID = 29892  # Vicuna's ","; "\n" (13) ends each row, the length is the same
 TINY_LLM = dict(model_type="llama", vocab_size=32064, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                 num_attention_heads=2, max_position_embeddings=4096)  # fmt: skip
 
@@ -49,14 +52,21 @@ def build(model_class: type, llm: str, attn: str, device: str, dtype: torch.dtyp
     return model.eval()
 
 
+def separator_ids() -> tuple[int, int]:
+    """The slice and row separators of the default model's tokenizer, as its processor reads them (which ids they are
+    changes no timing; the schema's length does)."""
+    processor = LlavaUhdProcessor(LlavaUhdImageProcessor(), AutoTokenizer.from_pretrained(WEIGHTS))
+    return processor.slice_separator_id, processor.row_separator_id
+
+
 def inputs_for(model, image, text_tokens: int) -> tuple[dict, float]:
     """Model inputs for one image and `text_tokens` random text ids, and the preprocessing time in seconds."""
+    separators = separator_ids() if isinstance(model, LlavaUhdForConditionalGeneration) else None
     start = time.perf_counter()
-    if isinstance(model, LlavaUhdForConditionalGeneration):
+    if separators:
         features = dict(LlavaUhdImageProcessor()(image))
         rows, cols = features["slice_grid"][0].tolist()
-        crops = len(features["image_grid_hw"])
-        image_ids = [IMAGE_TOKEN_ID] * (crops * model.config.num_queries) + [SEPARATOR_ID] * (rows * cols)
+        image_ids = schema_ids(rows, cols, model.config.num_queries, IMAGE_TOKEN_ID, *separators)
     else:
         processor = transformers_class("CLIPImageProcessor")(
             size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from modeling_llava_uhd import LlavaUhdImageProcessor
-from modeling_llava_uhd.modeling_llava_uhd import images_from_patches
+from modeling_llava_uhd.layout_llava_uhd import images_from_patches
 
 from .common import machine, median_seconds, parse_size, photos, print_table, transformers_class
 
@@ -98,11 +98,11 @@ def anchors() -> dict[str, object]:
 
 
 def pipelines(images: list[Image.Image]) -> dict[str, Callable[[], object]]:
-    ours, ours_no_preresize = LlavaUhdImageProcessor(), LlavaUhdImageProcessor(max_image_size=None)
+    ours = LlavaUhdImageProcessor()
     rows = {
         "reference pipeline (written out)": lambda: reference_pipeline(images, ours),
         "LlavaUhdImageProcessor": lambda: ours(images),
-        "LlavaUhdImageProcessor, no pre-resize": lambda: ours_no_preresize(images),
+        "LlavaUhdImageProcessor, no pre-resize": lambda: ours(images, max_image_size=0),
     }
     for name, processor in anchors().items():
         rows[name] = lambda processor=processor: processor(images, return_tensors="pt")

@@ -12,7 +12,7 @@ each after the reference's pre-resize), all with the same random weights:
 * grouped, same computation: one such forward per distinct crop shape (what this package did before);
 * `get_image_features` (ours): one vision-tower forward per shape, the feature layer read from the tower's own hidden
   states; queries projected once, keys and values projected before the (separable) RoI pooling, position tables and
-  RoIAlign maps cached per shape; the tower stops after the feature layer.
+  RoIAlign maps cached per shape; the tower runs whole, through its own forward.
 Configs: `small` has ViT-L's depth (24 layers) at 128 wide (2 heads of 64) and a 512-wide resampler (4 heads of 128),
 so it runs on a CPU; `vit-l` is CLIP ViT-L/14-336 with a 5120-wide resampler (13B), the real sizes; `tiny` is the
 test suite's.
@@ -24,10 +24,10 @@ import torch
 from torch.nn import functional as F
 
 from modeling_llava_uhd import LlavaUhdConfig, LlavaUhdForConditionalGeneration, LlavaUhdImageProcessor
+from modeling_llava_uhd.layout_llava_uhd import images_from_patches
 from modeling_llava_uhd.modeling_llava_uhd import (
     LlavaUhdResampler,
     best_pooling_size,
-    images_from_patches,
     resize_position_table,
     roi_align_matrix,
     window_boxes,
@@ -44,10 +44,10 @@ RESAMPLER_WIDTH = {"tiny": 64, "small": 512, "vit-l": 5120}
 
 
 def build_model(name: str, projector_type: str, device: str, dtype: torch.dtype) -> LlavaUhdForConditionalGeneration:
-    """Vision tower and resampler of config `name` with random weights; a one-layer language model of the
-    resampler's width (only its embeddings matter here)."""
+    """Vision tower and resampler of config `name` with random weights (the resampler's heads by the config's rule for
+    `projector_type`); a one-layer language model of the resampler's width (only its embeddings matter here)."""
     width = RESAMPLER_WIDTH[name]
-    heads = max(width // 128, 1)  # as for Vicuna: heads of 128
+    heads = max(width // 128, 1)  # the language model's, as for Vicuna: heads of 128
     config = LlavaUhdConfig(
         vision_config=dict(model_type="clip_vision_model", patch_size=14, image_size=336, **CONFIGS[name]),
         text_config=dict(
@@ -56,7 +56,6 @@ def build_model(name: str, projector_type: str, device: str, dtype: torch.dtype)
         ),
         projector_type=projector_type,
         image_token_id=1,
-        resampler_num_heads=heads,
     )  # fmt: skip
     torch.manual_seed(0)
     with torch.device(device):

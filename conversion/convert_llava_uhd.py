@@ -39,6 +39,7 @@ from modeling_llava_uhd import (
     LlavaUhdImageProcessor,
     LlavaUhdProcessor,
 )
+from modeling_llava_uhd.configuration_llava_uhd import PAD_VOCAB_TO
 
 from .common import ConversionError, OneLineParser, one_line, read_json
 from .model_card import write_model_card
@@ -220,14 +221,12 @@ def build_config(
         vision_config = CLIPVisionConfig.from_pretrained(vision_folder)
     except (OSError, ValueError) as error:
         raise ConversionError(f"--vision-tower {vision_folder} is not a CLIP checkpoint: {error}") from error
-    # The release ties heads to the LLM width; the paper's code used the vision width (1024 // 128 = 8).
-    default_heads = (text_config["hidden_size"] if spatial else vision_config.hidden_size) // 128
     return LlavaUhdConfig(
         vision_config=vision_config.to_dict(),
         text_config=text_config,
         projector_type="spatial_resampler" if spatial else "resampler",
         num_queries=num_queries,
-        resampler_num_heads=resampler_num_heads or max(default_heads, 1),
+        resampler_num_heads=resampler_num_heads,  # `None`: the config's rule for the projector type
         vision_feature_layer=original.get("mm_vision_select_layer", -2),
         image_token_id=0,  # set once the tokenizer has its <image> token
         architectures=[LlavaUhdForConditionalGeneration.__name__],
@@ -418,7 +417,7 @@ def convert(
     slice_separator_id: int = REFERENCE_SLICE_SEPARATOR_ID,
     row_separator_id: int = REFERENCE_ROW_SEPARATOR_ID,
     resampler_num_heads: int | None = None,
-    pad_vocab_to: int = 64,
+    pad_vocab_to: int = PAD_VOCAB_TO,
     max_shard_size: float = 5.0,
     overwrite: bool = False,
 ) -> dict:

@@ -26,9 +26,10 @@ AutoModelForImageTextToText.register(LlavaUhdConfig, LlavaUhdForConditionalGener
 AutoImageProcessor.register(LlavaUhdConfig, LlavaUhdImageProcessor, exist_ok=True)
 AutoProcessor.register(LlavaUhdConfig, LlavaUhdProcessor, exist_ok=True)
 
-# `save_pretrained` then writes `auto_map` entries and copies these files next to the weights.
+# Registered classes make `save_pretrained` copy their files (and those they import) next to the weights. The model's
+# `auto_map` is the config's own (`AUTO_MAP`); the processors' entries are the ones this registration writes.
 LlavaUhdConfig.register_for_auto_class()
-LlavaUhdForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+LlavaUhdForConditionalGeneration.register_for_auto_class()
 LlavaUhdImageProcessor.register_for_auto_class()
 LlavaUhdProcessor.register_for_auto_class()
 

@@ -7,6 +7,13 @@ from transformers import CONFIG_MAPPING, AutoConfig, PreTrainedConfig, __version
 
 # Default queries per crop of each compression module (REFERENCE: release 12x12, paper 8x8).
 DEFAULT_NUM_QUERIES = {"spatial_resampler": 144, "resampler": 64}
+# The sub-config whose width sets the default resampler heads, one per 128 channels (REFERENCE): the release's spatial
+# resampler follows the LLM (5120 // 128 = 40 for Vicuna-13B), the paper's perceiver the vision tower (1024 // 128 = 8).
+HEADS_FOLLOW = {"spatial_resampler": "text_config", "resampler": "vision_config"}
+RESAMPLER_HEAD_WIDTH = 128
+# New embedding rows (`<image>`, `<pad>`) round the LLM's vocabulary up to a multiple of this, as transformers' LLaVA
+# ports do (the converter and training both add them).
+PAD_VOCAB_TO = 64
 
 # CLIP ViT-L/14-336, the default vision tower (its `model_type` is `clip_vision_model`); Llama (Vicuna) the default LLM.
 DEFAULT_VISION_CONFIG = {
@@ -21,7 +28,8 @@ DEFAULT_VISION_CONFIG = {
 }
 DEFAULT_TEXT_MODEL_TYPE = "llama"
 
-# Auto classes of the Hub bundle. `AutoModel` gives the generating model, as MiniCPM-V does.
+# The model's auto classes in the Hub bundle (the config's `auto_map`, also when the bundle's code is loaded without the
+# package). `AutoModel` gives the generating model, as MiniCPM-V does.
 AUTO_MAP = {
     "AutoConfig": "configuration_llava_uhd.LlavaUhdConfig",
     "AutoModel": "modeling_llava_uhd.LlavaUhdForConditionalGeneration",
@@ -51,7 +59,8 @@ class LlavaUhdConfig(PreTrainedConfig):
         num_queries (`int`, *optional*):
             Tokens per crop; a square number. Defaults to 144 (`spatial_resampler`) or 64 (`resampler`).
         resampler_num_heads (`int`, *optional*):
-            Attention heads of the resampler. Defaults to `text_config.hidden_size // 128`.
+            Attention heads of the resampler. Defaults to one per 128 channels of the LLM (`spatial_resampler`) or of
+            the vision tower (`resampler`), as in the reference (at least one).
     """
 
     model_type = "llava_uhd"
@@ -87,7 +96,8 @@ class LlavaUhdConfig(PreTrainedConfig):
             raise ValueError(f"`num_queries` must be a square number (a grid of queries), got {self.num_queries}.")
         hidden_size = self.text_config.hidden_size
         if self.resampler_num_heads is None:
-            self.resampler_num_heads = max(hidden_size // 128, 1)
+            width = getattr(self, HEADS_FOLLOW[self.projector_type]).hidden_size
+            self.resampler_num_heads = max(width // RESAMPLER_HEAD_WIDTH, 1)
         if hidden_size % self.resampler_num_heads:
             raise ValueError(
                 f"`resampler_num_heads` ({self.resampler_num_heads}) must divide the text hidden size ({hidden_size})."

@@ -16,6 +16,7 @@ WEIGHTS = PACKAGE / "default_model_files"
 BUNDLE_FILES = (
     "configuration_llava_uhd.py",
     "image_processing_llava_uhd.py",
+    "layout_llava_uhd.py",
     "modeling_llava_uhd.py",
     "processing_llava_uhd.py",
 )
@@ -111,7 +112,15 @@ def default_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"the default model's cache {folder} is a file, not a folder; move it away")
     if not folder.is_dir():
-        root.mkdir(parents=True, exist_ok=True)
+        origin = "cache_dir" if cache_dir is not None else f"${CACHE_VARIABLE}"
+        if cache_dir is None and not os.environ.get(CACHE_VARIABLE, "").strip():
+            origin = f"the default; ${CACHE_VARIABLE} chooses another"
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(f"the default model's cache folder {root} ({origin}) is a file, not a folder")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a file on its path, no permission...
+            raise OSError(f"the default model's cache folder {root} ({origin}) cannot be created: {error}") from error
         _assemble(folder, sources)
     damaged = _damaged(folder, sources)
     if damaged:

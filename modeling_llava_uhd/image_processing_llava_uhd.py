@@ -5,6 +5,7 @@ import math
 import os
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -13,8 +14,10 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from transformers.processing_utils import ImagesKwargs
+from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import TensorType
+
+from .layout_llava_uhd import crops_per_image
 
 ImageLike = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 
@@ -28,7 +31,7 @@ URL_TIMEOUT = 60
 class LlavaUhdImageProcessorKwargs(ImagesKwargs, total=False):
     """
     max_slice_nums (`int`): most slices per image (1: the overview only).
-    max_image_size (`int`): long side images are resized to before slicing.
+    max_image_size (`int`): long side images are resized to before slicing; `NO_PRE_RESIZE` (0): not resized.
     apply_exif_orientation (`bool`): turn photos upright by their EXIF orientation tag first.
     `None` (for any of them) means the image processor's own setting.
     """
@@ -36,6 +39,28 @@ class LlavaUhdImageProcessorKwargs(ImagesKwargs, total=False):
     max_slice_nums: int | None
     max_image_size: int | None
     apply_exif_orientation: bool | None
+
+
+class LlavaUhdImageProcessorInitKwargs(LlavaUhdImageProcessorKwargs, total=False):
+    """
+    scale_resolution (`int`): side of the square whose area every crop approximates.
+    patch_size (`int`): the vision tower's patch size; crop sides are multiples of it.
+    Fixed when the processor is built (the crop geometry the model was trained on), not per call.
+    """
+
+    scale_resolution: int | None
+    patch_size: int | None
+
+
+# `max_image_size` that slices images at their own size (the reference's training), per call as at construction.
+NO_PRE_RESIZE = 0
+# The image processor's settings that a call can override, then all of them (their defaults: `LlavaUhdImageProcessor`'s
+# class attributes).
+CALL_SETTINGS = (
+    "max_slice_nums", "max_image_size", "apply_exif_orientation", "do_rescale", "rescale_factor", "do_normalize",
+    "image_mean", "image_std",
+)  # fmt: skip
+SETTINGS = ("scale_resolution", "patch_size", *CALL_SETTINGS)
 
 
 # Keywords of transformers' `ImagesKwargs` that LLaVA-UHD's slicing decides itself (crop sizes, resampling, layout).
@@ -67,7 +92,7 @@ class SliceLayout:
 
     @property
     def num_crops(self) -> int:
-        return self.num_slices + 1
+        return crops_per_image(*(self.grid or (0, 0)))
 
 
 def _fit_to_multiple(length: float, multiple: int) -> int:
@@ -75,17 +100,17 @@ def _fit_to_multiple(length: float, multiple: int) -> int:
     return max(math.floor(length / multiple) * multiple, multiple)
 
 
-def _best_resize(width: float, height: float, scale: int, patch: int, upscale: bool) -> tuple[int, int]:
-    """Size `(width, height)` of about `scale**2` pixels keeping the aspect ratio, in multiples of `patch`."""
+def _best_resize(height: float, width: float, scale: int, patch: int, upscale: bool) -> tuple[int, int]:
+    """Size `(height, width)` of about `scale**2` pixels keeping the aspect ratio, in multiples of `patch`."""
     if width * height > scale * scale or upscale:
         ratio = width / height
         height = int(scale / math.sqrt(ratio))
         width = int(height * ratio)
-    return _fit_to_multiple(width, patch), _fit_to_multiple(height, patch)
+    return _fit_to_multiple(height, patch), _fit_to_multiple(width, patch)
 
 
-def _best_grid(width: int, height: int, multiple: int, max_slice_nums: int) -> tuple[int, int]:
-    """`(cols, rows)` whose aspect ratio is closest to the image's, among `multiple - 1 .. multiple + 1` slices."""
+def _best_grid(height: int, width: int, multiple: int, max_slice_nums: int) -> tuple[int, int]:
+    """`(rows, cols)` whose aspect ratio is closest to the image's, among `multiple - 1 .. multiple + 1` slices."""
     log_ratio = math.log(width / height)
     best, min_error = (1, 1), float("inf")
     for count in (multiple - 1, multiple, multiple + 1):
@@ -97,15 +122,16 @@ def _best_grid(width: int, height: int, multiple: int, max_slice_nums: int) -> t
             # Exactly the reference's float expression: ties are broken by its last-bit rounding.
             error = abs(log_ratio - math.log(cols / (count // cols)))
             if error < min_error:
-                best, min_error = (cols, count // cols), error
+                best, min_error = (count // cols, cols), error
     return best
 
 
-def _pre_resize_size(width: int, height: int, max_size: int) -> tuple[int, int]:
-    """The reference evaluation's long-side resize to `max_size` (a side never drops below 1 pixel)."""
+def _pre_resize_size(height: int, width: int, max_size: int) -> tuple[int, int]:
+    """`(height, width)` after the reference evaluation's long-side resize to `max_size` (a side never drops below 1
+    pixel)."""
     if width > height:
-        return max_size, max(int((max_size / width) * height), 1)
-    return max(int((max_size / height) * width), 1), max_size
+        return max(int((max_size / width) * height), 1), max_size
+    return max_size, max(int((max_size / height) * width), 1)
 
 
 @lru_cache(maxsize=8)
@@ -150,9 +176,10 @@ class LlavaUhdImageProcessor(BaseImageProcessor):
             Side of the square whose area every crop approximates.
         patch_size (`int`, *optional*, defaults to 14):
             Vision patch size; crop sides are multiples of it.
-        max_image_size (`int` or `None`, *optional*, defaults to 1024):
+        max_image_size (`int`, *optional*, defaults to 1024):
             Long side every image is resized to (up or down) before slicing, as in the reference evaluation.
-            `None` slices the image at its own size.
+            `NO_PRE_RESIZE` (0) slices the image at its own size, as the reference's training did (`None`, the former
+            spelling of that, is deprecated: like every other setting, `None` is to mean the default).
         rescale_factor (`float`, *optional*, defaults to `1 / 255`):
             Scale applied to 8-bit pixel values.
         image_mean (`tuple[float]`, *optional*, defaults to CLIP's mean):
@@ -168,6 +195,7 @@ class LlavaUhdImageProcessor(BaseImageProcessor):
 
     model_input_names = ["pixel_values", "image_grid_hw", "slice_grid"]
     valid_kwargs = LlavaUhdImageProcessorKwargs
+    # The default of every setting (`SETTINGS`): what a setting not given (or `None`) is.
     max_slice_nums = 7
     scale_resolution = 336
     patch_size = 14
@@ -176,64 +204,47 @@ class LlavaUhdImageProcessor(BaseImageProcessor):
     image_mean = tuple(OPENAI_CLIP_MEAN)
     image_std = tuple(OPENAI_CLIP_STD)
     apply_exif_orientation = True
+    do_rescale = True
+    do_normalize = True
 
-    def __init__(
-        self,
-        max_slice_nums: int = 7,
-        scale_resolution: int = 336,
-        patch_size: int = 14,
-        max_image_size: int | None = 1024,
-        rescale_factor: float = 1 / 255,
-        image_mean: tuple[float, float, float] = tuple(OPENAI_CLIP_MEAN),
-        image_std: tuple[float, float, float] = tuple(OPENAI_CLIP_STD),
-        apply_exif_orientation: bool = True,
-        do_rescale: bool = True,
-        do_normalize: bool = True,
-        **kwargs,
-    ):
+    def __init__(self, **kwargs: Unpack[LlavaUhdImageProcessorInitKwargs]):
+        if "max_image_size" in kwargs:
+            kwargs["max_image_size"] = legacy_max_image_size(kwargs["max_image_size"])
+        settings = {name: kwargs.pop(name, None) for name in SETTINGS}
         super().__init__(**kwargs)
-        _check_positive_int("max_slice_nums", max_slice_nums)
-        _check_positive_int("scale_resolution", scale_resolution)
-        _check_positive_int("patch_size", patch_size)
-        if max_image_size is not None:
-            _check_positive_int("max_image_size", max_image_size)
-        self.max_slice_nums = max_slice_nums
-        self.scale_resolution = scale_resolution
-        self.patch_size = patch_size
-        self.max_image_size = max_image_size
-        self.rescale_factor = rescale_factor
-        self.image_mean = tuple(image_mean)
-        self.image_std = tuple(image_std)
-        self.apply_exif_orientation = apply_exif_orientation
-        self.do_rescale = do_rescale
-        self.do_normalize = do_normalize
+        for name, value in settings.items():
+            setattr(self, name, getattr(self, name) if value is None else value)  # the class attribute: the default
+        for name in ("max_slice_nums", "scale_resolution", "patch_size"):
+            _check_positive_int(name, getattr(self, name))
+        _check_max_image_size(self.max_image_size)
+        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
 
     def get_slice_layout(
         self, height: int, width: int, max_slice_nums: int | None = None, max_image_size: int | None = None
     ) -> SliceLayout:
         """Layout of an image of `height x width` pixels (its size before the pre-resize, which is applied here).
-        `max_slice_nums` and `max_image_size` override the processor's (`None`: the processor's)."""
+        `max_slice_nums` and `max_image_size` override the processor's (`None`: the processor's; `max_image_size=0`:
+        no pre-resize)."""
         _check_positive_int("height", height)
         _check_positive_int("width", width)
         max_slice_nums = self.max_slice_nums if max_slice_nums is None else max_slice_nums
         _check_positive_int("max_slice_nums", max_slice_nums)
         max_image_size = self.max_image_size if max_image_size is None else max_image_size
-        if max_image_size is not None:
-            _check_positive_int("max_image_size", max_image_size)
-            width, height = _pre_resize_size(width, height, max_image_size)
+        _check_max_image_size(max_image_size)
+        if max_image_size != NO_PRE_RESIZE:
+            height, width = _pre_resize_size(height, width, max_image_size)
         scale, patch = self.scale_resolution, self.patch_size
 
         multiple = min(math.ceil(width * height / (scale * scale)), max_slice_nums)
         if multiple <= 1:
-            overview_w, overview_h = _best_resize(width, height, scale, patch, upscale=True)
-            return SliceLayout((height, width), (overview_h, overview_w), None, None)
+            return SliceLayout((height, width), _best_resize(height, width, scale, patch, upscale=True), None, None)
 
-        overview_w, overview_h = _best_resize(width, height, scale, patch, upscale=False)
-        cols, rows = _best_grid(width, height, multiple, max_slice_nums)
-        slice_w, slice_h = _best_resize(
-            _fit_to_multiple(width, cols) / cols, _fit_to_multiple(height, rows) / rows, scale, patch, upscale=True
+        overview = _best_resize(height, width, scale, patch, upscale=False)
+        rows, cols = _best_grid(height, width, multiple, max_slice_nums)
+        slice_size = _best_resize(
+            _fit_to_multiple(height, rows) / rows, _fit_to_multiple(width, cols) / cols, scale, patch, upscale=True
         )
-        return SliceLayout((height, width), (overview_h, overview_w), (rows, cols), (slice_h, slice_w))
+        return SliceLayout((height, width), overview, (rows, cols), slice_size)
 
     def preprocess(self, images: ImageLike | list[ImageLike] | list[list[ImageLike]], **kwargs) -> BatchFeature:
         """Slice, resize, normalise and pack one image or a (nested) list of images.
@@ -241,7 +252,7 @@ class LlavaUhdImageProcessor(BaseImageProcessor):
         Args:
             images: PIL images (float `F` images in [0, 1]), `uint8`/float (in [0, 1]) arrays or tensors (HWC or
                 CHW), or local paths / URLs.
-            kwargs: this call's values of `max_slice_nums` (a token budget), `max_image_size`,
+            kwargs: this call's values of `max_slice_nums` (a token budget), `max_image_size` (0: no pre-resize),
                 `apply_exif_orientation`, `do_rescale`, `rescale_factor`, `do_normalize`, `image_mean`, `image_std`
                 (`None`: the processor's), `input_data_format` (where an array's channels are) and `return_tensors`
                 (`"pt"` or `None`). transformers' other image keywords (`size`, `resample`,
@@ -313,9 +324,7 @@ class LlavaUhdImageProcessor(BaseImageProcessor):
             raise ValueError("LlavaUhdImageProcessor always converts to RGB: `do_convert_rgb=False` is refused.")
         if given.get("return_tensors", "pt") not in ("pt", TensorType.PYTORCH):
             raise ValueError(f"`return_tensors` must be 'pt' or None, got {given['return_tensors']!r}.")
-        names = ("max_slice_nums", "max_image_size", "apply_exif_orientation", "do_rescale", "rescale_factor")
-        names += ("do_normalize", "image_mean", "image_std")
-        settings = {name: given.get(name, getattr(self, name)) for name in names}
+        settings = {name: given.get(name, getattr(self, name)) for name in CALL_SETTINGS}
         layout = str(getattr(given.get("input_data_format"), "value", given.get("input_data_format", "")))
         if layout not in ("", "channels_first", "channels_last"):
             raise ValueError(f"`input_data_format` must be 'channels_first' or 'channels_last', got {layout!r}.")
@@ -333,6 +342,27 @@ def _per_channel(value: float | list[float] | tuple[float, ...]) -> tuple[float,
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+def legacy_max_image_size(max_image_size: int | None) -> int:
+    """A `max_image_size` setting where `None` still means no pre-resize, its deprecated spelling (with a warning)."""
+    if max_image_size is not None:
+        return max_image_size
+    warnings.warn(
+        "`max_image_size=None` for no pre-resize is deprecated: pass `max_image_size=0` (`NO_PRE_RESIZE`), which "
+        "also works per call, where `None` means the processor's own setting. A saved processor with "
+        '`"max_image_size": null` still loads without pre-resize; saving it again writes 0.',
+        FutureWarning,
+        stacklevel=3,
+    )
+    return NO_PRE_RESIZE
+
+
+def _check_max_image_size(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < NO_PRE_RESIZE:
+        raise ValueError(
+            f"`max_image_size` must be a positive integer, or {NO_PRE_RESIZE} for no pre-resize, got {value!r}."
+        )
 
 
 def _flatten_images(images) -> list:
@@ -414,4 +444,4 @@ def _array_to_pil(array: np.ndarray, name: str, layout: str | None = None) -> Im
     return Image.fromarray(np.ascontiguousarray(array))
 
 
-__all__ = ["LlavaUhdImageProcessor", "SliceLayout"]
+__all__ = ["NO_PRE_RESIZE", "LlavaUhdImageProcessor", "SliceLayout"]

@@ -11,7 +11,6 @@ and, with `protocol=authors` (the default), the decoding their benchmark scripts
 does not change answers.
 """
 
-import copy
 import json
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from .default_model import default_model_path
+from .image_processing_llava_uhd import NO_PRE_RESIZE
 
 MODEL_ID = "llava_uhd"
 
@@ -74,7 +74,7 @@ class LlavaUhd(lmms):
         pretrained: a model folder or Hub repo; `None` is the package's offline default model.
         protocol: `"authors"` decodes as the authors' benchmark scripts did for the benchmarks they ran
             (`AUTHORS_PROTOCOL`; other tasks as `"task"`); `"task"` uses each task's `generation_kwargs`.
-        max_image_size: the long-side pre-resize (`None` or `"none"`: off); defaults to the checkpoint's processor's
+        max_image_size: the long-side pre-resize (`"none"` or 0: off); defaults to the checkpoint's processor's
             (1024, the authors' value).
         max_slice_nums: most slices per image; defaults to the checkpoint's processor's (7).
         batch_size: samples generated together (left-padded).
@@ -86,7 +86,7 @@ class LlavaUhd(lmms):
         self,
         pretrained: str | None = None,
         protocol: str = "authors",
-        max_image_size: int | str | None = "default",
+        max_image_size: int | str | None = None,
         max_slice_nums: int | None = None,
         batch_size: int | str = 1,
         device: str | None = None,
@@ -112,13 +112,10 @@ class LlavaUhd(lmms):
         options = {"revision": revision, "trust_remote_code": trust_remote_code}
         self._model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **options).to(self._device).eval()
         self.processor = AutoProcessor.from_pretrained(path, padding_side="left", **options)
-        if max_image_size == "default":
-            max_image_size = self.processor.image_processor.max_image_size
-        elif isinstance(max_image_size, str) and max_image_size.lower() == "none":
-            max_image_size = None
-        self.max_image_size = max_image_size
+        if isinstance(max_image_size, str) and max_image_size.lower() == "none":
+            max_image_size = NO_PRE_RESIZE
+        self.max_image_size = max_image_size  # `None`: the processor's own
         self.max_slice_nums = max_slice_nums
-        self._processors = {}  # by pre-resize (long side, or None)
 
     @property
     def model(self):
@@ -132,14 +129,6 @@ class LlavaUhd(lmms):
     def device(self) -> torch.device:
         return self._device
 
-    def processor_for(self, max_image_size: int | None):
-        """The checkpoint's processor with this pre-resize (`None`: off)."""
-        if max_image_size not in self._processors:
-            processor = copy.deepcopy(self.processor)
-            processor.image_processor.max_image_size = max_image_size
-            self._processors[max_image_size] = processor
-        return self._processors[max_image_size]
-
     def prompt(self, question: str, num_images: int) -> str:
         """The Vicuna v1 prompt of the authors' evaluation: `<image>\\n` per image (none for a text-only sample, as
         ScienceQA's), then the task's question."""
@@ -147,14 +136,14 @@ class LlavaUhd(lmms):
         return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
     def settings(self, task: str, gen_kwargs: dict) -> tuple[dict, int | None, list[str]]:
-        """`generate` keywords, the pre-resize and the stop strings for a request of `task` with the task's
-        `gen_kwargs`."""
+        """`generate` keywords, the pre-resize (`None`: the processor's) and the stop strings for a request of `task`
+        with the task's `gen_kwargs`."""
         until = gen_kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         decoding = authors_decoding(task) if self.protocol == "authors" else None
         if decoding is not None:
             generate = {"do_sample": False, "num_beams": decoding.num_beams, "max_new_tokens": decoding.max_new_tokens}
-            return generate, self.max_image_size if decoding.pre_resize else None, until
+            return generate, self.max_image_size if decoding.pre_resize else NO_PRE_RESIZE, until
         temperature = float(gen_kwargs.get("temperature") or 0)
         generate = {
             "do_sample": temperature > 0,
@@ -176,10 +165,11 @@ class LlavaUhd(lmms):
             visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
             prompts.append(self.prompt(context, len(visuals)))
             images += visuals
-        inputs = self.processor_for(max_image_size)(
+        inputs = self.processor(
             images=images or None,
             text=prompts,
             padding=True,
+            max_image_size=max_image_size,
             max_slice_nums=self.max_slice_nums,
             apply_exif_orientation=False,  # the pixels as stored, as the authors' `Image.open` read them
             return_tensors="pt",

@@ -3,7 +3,6 @@
 import math
 import warnings
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,10 +14,11 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import logging, output_capturing
+from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_llava_uhd import LlavaUhdConfig
+from .layout_llava_uhd import crops_per_image, encode_by_shape, image_schema_mask
 
 logger = logging.get_logger(__name__)
 # Pooling grids (width, height) of the spatial resampler's boxes, in the reference's order of preference.
@@ -145,84 +145,6 @@ def never_generated(image_token_id: int, eos_token_id: int | list[int] | None, p
     return {image_token_id} | ({pad_token_id} - ends - {None})
 
 
-def images_from_patches(patches: torch.Tensor, height: int, width: int, patch: int) -> torch.Tensor:
-    """Same-shape crops as `LlavaUhdImageProcessor` packs them, `[crops, height * width, 3 * patch * patch]` (patches
-    row-major, each channel-first), back to images `[crops, 3, height * patch, width * patch]`."""
-    images = patches.view(len(patches), height, width, 3, patch, patch).permute(0, 3, 1, 4, 2, 5)
-    return images.reshape(len(patches), 3, height * patch, width * patch)
-
-
-def crops_by_shape(
-    pixel_values: torch.Tensor, image_grid_hw: list[list[int]], patch_size: int
-) -> list[tuple[tuple[int, int], list[int], torch.Tensor]]:
-    """Packed patches (see `LlavaUhdImageProcessor`) as images, one batch per distinct patch grid: `(height, width)`
-    in patches, the indices of its crops, and the crops `[n, 3, height * patch_size, width * patch_size]`."""
-    crops = pixel_values.split([h * w for h, w in image_grid_hw])
-    groups: dict[tuple[int, int], list[int]] = {}
-    for index, shape in enumerate(image_grid_hw):
-        groups.setdefault(tuple(shape), []).append(index)
-    return [
-        (
-            (height, width),
-            indices,
-            images_from_patches(torch.stack([crops[i] for i in indices]), height, width, patch_size),
-        )
-        for (height, width), indices in groups.items()
-    ]
-
-
-def image_schema_mask(
-    input_ids: torch.Tensor, image_token_id: int, slice_grid: torch.Tensor | None, num_queries: int
-) -> torch.Tensor:
-    """Where the images' schemas lie in `input_ids`: image tokens, and with `slice_grid` (images in order) also the
-    separators between an image's crops, from its first image token to its `(rows * cols + 1) * num_queries`-th."""
-    image = input_ids == image_token_id
-    if slice_grid is None:
-        return image
-    mask, counts = image.clone(), iter([(rows * cols + 1) * num_queries for rows, cols in slice_grid.tolist()])
-    for row, positions in enumerate(image):
-        positions = positions.nonzero().flatten().tolist()
-        while positions:
-            count = min(next(counts), len(positions))
-            mask[row, positions[0] : positions[count - 1] + 1] = True
-            positions = positions[count:]
-    return mask
-
-
-def cuttable_layers(tower: nn.Module) -> nn.ModuleList | None:
-    """The list of `tower`'s layers whose outputs are its hidden states, as transformers records them
-    (`_can_record_outputs["hidden_states"]`), if they form one `nn.ModuleList` of `num_hidden_layers`; else `None`.
-    transformers installs its output-capturing hooks on the first call that asks for outputs: they are installed
-    here, on every layer, so that a call with the list cut does not install them on the remaining layers only."""
-    spec = (getattr(tower, "_can_record_outputs", None) or {}).get("hidden_states")
-    layer_class = getattr(spec, "target_class", spec)
-    install_hooks = getattr(output_capturing, "maybe_install_capturing_hooks", None)
-    if not isinstance(layer_class, type) or install_hooks is None:
-        return None
-    lists = [
-        module
-        for module in tower.modules()
-        if isinstance(module, nn.ModuleList) and len(module) and all(isinstance(m, layer_class) for m in module)
-    ]
-    if len(lists) != 1 or len(lists[0]) != getattr(tower.config, "num_hidden_layers", None):
-        return None
-    install_hooks(tower)
-    return lists[0]
-
-
-@contextmanager
-def first_layers_only(layers: nn.ModuleList | None, count: int):
-    """For the duration, `layers` holds only its first `count` layers (the model runs no further than it needs);
-    restored on exit, also after an error. `None`: nothing changes."""
-    if layers is None:
-        yield
-        return
-    kept = layers._modules
-    layers._modules = OrderedDict(list(kept.items())[:count])
-    try:
-        yield
-    finally:
-        layers._modules = kept
 
 
 def eager_attention_forward(
@@ -425,9 +347,8 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
         """Encode packed crops (see `LlavaUhdImageProcessor`) into `num_queries` tokens per crop.
 
         Crops are grouped by patch grid: one vision-tower forward (positions interpolated to the grid) per distinct
-        shape, which stops after the layer that gives hidden state `vision_feature_layer` (its layer list is cut for
-        the call, see `cuttable_layers`; towers whose layers are not one such list run whole). Its patch features (a
-        class token, when the tower has one, dropped) feed the resampler. Returns `last_hidden_state`
+        shape. The patch features of its hidden state `vision_feature_layer` (a class token, when the tower has one,
+        dropped) feed the resampler. Returns `last_hidden_state`
         `[crops, num_queries, hidden]` and `pooler_output`: one `[crops_of_image * num_queries, hidden]` tensor per
         image, crops in schema order (slices row-major, then the overview). With `output_hidden_states` /
         `output_attentions`, `hidden_states[layer][crop]` and `attentions[layer][crop]` hold the tower's own outputs
@@ -446,10 +367,10 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
             raise ValueError(
                 f"`pixel_values` has {pixel_values.shape[0]} patches but `image_grid_hw` describes {sum(crop_lengths)}."
             )
-        crops_per_image = [rows * cols + 1 for rows, cols in slice_grid.tolist()]
-        if sum(crops_per_image) != len(grid_hw):
+        image_crops = [crops_per_image(rows, cols) for rows, cols in slice_grid.tolist()]
+        if sum(image_crops) != len(grid_hw):
             raise ValueError(
-                f"`slice_grid` describes {sum(crops_per_image)} crops but `image_grid_hw` has {len(grid_hw)}."
+                f"`slice_grid` describes {sum(image_crops)} crops but `image_grid_hw` has {len(grid_hw)}."
             )
 
         wanted = []  # `output_hidden_states` / `output_attentions` of the call, else of the config
@@ -457,27 +378,17 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
             requested = kwargs.pop(f"output_{name}", None)
             if getattr(self.config, f"output_{name}", False) if requested is None else requested:
                 wanted.append(name)
-        # The tower runs up to the feature layer only, unless its outputs were asked for (then it runs whole).
-        feature_state = layer % num_states
-        layers = None if wanted else cuttable_layers(self.vision_tower)
-        tokens, per_crop = None, {name: [None] * len(grid_hw) for name in wanted}
-        patch = self.config.vision_config.patch_size
-        for (height, width), indices, images in crops_by_shape(
-            pixel_values.to(self.vision_tower.dtype), grid_hw, patch
-        ):
-            with first_layers_only(layers, max(feature_state, 1)):  # embeddings are recorded as the first layer runs
-                outputs = self.vision_tower(
-                    pixel_values=images,
-                    interpolate_pos_encoding=True,
-                    output_hidden_states=True,
-                    output_attentions="attentions" in wanted,
-                    return_dict=True,
-                    **kwargs,
-                )
-            compressed = self.resampler(outputs.hidden_states[feature_state][:, -height * width :], height, width)
-            if tokens is None:
-                tokens = compressed.new_empty(len(grid_hw), *compressed.shape[1:])
-            tokens[indices] = compressed
+        per_crop = {name: [None] * len(grid_hw) for name in wanted}
+
+        def encode(images: torch.Tensor, height: int, width: int, indices: list[int]) -> torch.Tensor:
+            outputs = self.vision_tower(
+                pixel_values=images,
+                interpolate_pos_encoding=True,
+                output_hidden_states=True,
+                output_attentions="attentions" in wanted,
+                return_dict=True,
+                **kwargs,
+            )
             for name in wanted:
                 if outputs.get(name) is None:
                     raise ValueError(
@@ -485,8 +396,11 @@ class LlavaUhdModel(LlavaUhdPreTrainedModel):
                     )
                 for position, index in enumerate(indices):
                     per_crop[name][index] = tuple(state[position] for state in outputs[name])
+            return self.resampler(outputs.hidden_states[layer][:, -height * width :], height, width)
 
-        per_image = [t.flatten(0, 1) for t in tokens.split(crops_per_image)] if tokens is not None else []
+        pixel_values = pixel_values.to(self.vision_tower.dtype)
+        tokens = encode_by_shape(pixel_values, grid_hw, self.config.vision_config.patch_size, encode)
+        per_image = [t.flatten(0, 1) for t in tokens.split(image_crops)] if tokens is not None else []
         extra = {name: tuple(zip(*states)) for name, states in per_crop.items() if tokens is not None}
         return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=per_image, **extra)
 

@@ -6,6 +6,7 @@ from transformers.processing_utils import MultiModalData, ProcessingKwargs, Proc
 from transformers.tokenization_utils_base import LARGE_INTEGER
 
 from .image_processing_llava_uhd import LlavaUhdImageProcessorKwargs, _check_positive_int
+from .layout_llava_uhd import schema_ids
 
 # Vicuna v1 (LLaVA-1.5) conversation format. It starts with the BOS, as the reference's samples do (the processor adds
 # it once, so TRL's `add_special_tokens=False` and a plain processor call agree). `<image>` is followed by "\n" unless
@@ -46,39 +47,27 @@ class UnusableSampleError(ValueError):
     `max_length` would cut through its image tokens. The message names the sample."""
 
 
-def schema_ids(
-    rows: int, cols: int, num_queries: int, image_token_id: int, slice_separator_id: int, row_separator_id: int
-) -> list[int]:
-    """The spatial schema of a `rows x cols` slice grid (0 x 0: unsliced): each row's slices as `num_queries` image
-    tokens followed by the slice separator (the row separator after the row's last slice), then the overview."""
-    crop = [image_token_id] * num_queries
-    ids = []
-    for _ in range(rows):
-        for col in range(cols):
-            ids += crop + [slice_separator_id if col < cols - 1 else row_separator_id]
-    return ids + crop
-
-
 class LlavaUhdProcessorKwargs(ProcessingKwargs, total=False):
     images_kwargs: LlavaUhdImageProcessorKwargs
-    _defaults = {}  # a TypedDict does not inherit it, and transformers before 5.24 reads it
-
-
-# Text keywords the processor applies itself: the schema is expanded on ids, so padding, truncation and offsets are
-# computed on the expanded sequence. transformers' other text keywords (pairs, targets, overflow, ...) do not apply.
-TEXT_OPTIONS = {
-    "padding": False,
-    "truncation": None,
-    "max_length": None,
-    "pad_to_multiple_of": None,
-    "padding_side": None,
-    "add_special_tokens": True,
-    "return_attention_mask": True,
-    "return_offsets_mapping": False,
-    "return_tensors": None,
-    "verbose": True,
-}
-OUTPUT_FLAGS = ("return_text_replacement_offsets", "return_mm_token_type_ids")
+    # The text keywords the processor applies, with their defaults (a keyword given as `None` takes its default): the
+    # schema is expanded on ids, so truncation, padding and offsets are computed on the expanded sequence.
+    # transformers' other text keywords (pairs, targets, overflow, ...) cannot apply and are refused.
+    _defaults = {
+        "text_kwargs": {
+            "padding": False,
+            "truncation": False,
+            "max_length": None,
+            "pad_to_multiple_of": None,
+            "padding_side": None,
+            "add_special_tokens": True,
+            "return_attention_mask": True,
+            "return_offsets_mapping": False,
+            "return_mm_token_type_ids": False,
+            "return_text_replacement_offsets": False,
+            "return_tensors": None,
+            "verbose": True,
+        }
+    }
 
 
 class LlavaUhdProcessor(ProcessorMixin):
@@ -160,128 +149,49 @@ class LlavaUhdProcessor(ProcessorMixin):
             `BatchFeature` with `input_ids`, `attention_mask` and, when there are images, `pixel_values`,
             `image_grid_hw` and `slice_grid` (see [`LlavaUhdImageProcessor`]).
         """
-        if text is None:
-            raise ValueError("`text` is required: a prompt (or list of prompts) with one `<image>` per image.")
-        texts = [text] if isinstance(text, str) else list(text)
-        if not all(isinstance(t, str) for t in texts):
-            raise TypeError("`text` must be a string or a list of strings.")
-        if not texts:
-            raise ValueError("`text` is an empty list: pass at least one prompt.")
+        texts = _text_batch(text)
+        settings, images_kwargs = self._settings(kwargs)
+        with_offsets = settings["return_offsets_mapping"] or settings["return_text_replacement_offsets"]
+        ids, offsets, spans = self._tokenize(texts, settings["add_special_tokens"], with_offsets)
+        images = [image for group in self._assign_images(images, [len(s) for s in spans]) for image in group]
+        data = dict(self.image_processor(images, **images_kwargs)) if images else {}
+        grids = iter(data["slice_grid"].tolist() if images else [])
+        max_length = settings["max_length"] if settings["truncation"] else None
+        rows = [self._expand(index, *row, grids, max_length) for index, row in enumerate(zip(ids, offsets))]
+        data.update(self._pad(rows, settings))
+        if settings["return_text_replacement_offsets"]:  # the schema goes in as ids: every placeholder keeps its span
+            token = self.image_token
+            data["text_replacement_offsets"] = [
+                [{"type": "image", "span": s, "new_span": s, "text": token, "replacement": token} for s in row]
+                for row in spans
+            ]
+        tensor_type = settings["return_tensors"]
+        return BatchFeature(data, tensor_type=tensor_type, skip_tensor_conversion=self.skip_tensor_conversion)
+
+    def _settings(self, kwargs: dict) -> tuple[dict, dict]:
+        """This call's text settings (its text keywords over their defaults, see `LlavaUhdProcessorKwargs`) and image
+        keywords; `_pad` checks the padding ones. As the tokenizer, `max_length` defaults to its `model_max_length`
+        (when that is set) for truncation and `padding="max_length"`."""
         merged = self._merge_kwargs(
             LlavaUhdProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
         )
-        options, flags = self._text_options(merged)
-        images_kwargs = {key: value for key, value in merged["images_kwargs"].items() if key != "return_tensors"}
-        return_offsets_mapping = options["return_offsets_mapping"]
-        encoded_ids, encoded_offsets, placeholders = self._tokenize(
-            texts, options["add_special_tokens"], return_offsets_mapping or flags["return_text_replacement_offsets"]
-        )
-        counts = [len(spans) for spans in placeholders]
-        flat_images = [image for group in self._assign_images(images, counts) for image in group]
-        data, grids = {}, []
-        if flat_images:
-            image_inputs = self.image_processor(flat_images, **images_kwargs)
-            data.update(image_inputs)
-            grids = image_inputs["slice_grid"].tolist()
-
-        input_ids, offsets, types = [], [], []  # types: 1 on an image's schema (image tokens and separators)
-        image_index = 0
-        for sample, (ids, sample_map) in enumerate(zip(encoded_ids, encoded_offsets)):
-            sample_ids, sample_offsets, sample_types = [], [], []
-            for token, offset in zip(ids, sample_map):
-                if token == self.image_token_id:
-                    schema = self.schema_ids(*grids[image_index])
-                    image_index += 1
-                    sample_ids += schema
-                    sample_offsets += [(0, 0)] * len(schema)
-                    sample_types += [1] * len(schema)
-                else:
-                    sample_ids.append(token)
-                    sample_offsets.append(tuple(offset))
-                    sample_types.append(0)
-            kept = slice(None)
-            max_length = options["max_length"]
-            if options["truncation"] and max_length is not None and len(sample_ids) > max_length:
-                kept = self._truncation(sample, sample_types, max_length)
-            input_ids.append(sample_ids[kept])
-            offsets.append(sample_offsets[kept])
-            types.append(sample_types[kept])
-
-        data.update(
-            self._pad(
-                input_ids,
-                offsets,
-                types,
-                options["padding"],
-                options["max_length"],
-                options["pad_to_multiple_of"],
-                options["padding_side"],
-            )
-        )
-        if not return_offsets_mapping:
-            data.pop("offset_mapping")
-        if not options["return_attention_mask"]:
-            data.pop("attention_mask")
-        if flags["return_text_replacement_offsets"]:
-            # Offsets refer to the text as written: the schema goes in as ids, so no character moves and every
-            # placeholder keeps its span.
-            token = self.image_token
-            data["text_replacement_offsets"] = [
-                [
-                    {"type": "image", "span": span, "new_span": span, "text": token, "replacement": token}
-                    for span in spans
-                ]
-                for spans in placeholders
-            ]
-        if not flags["return_mm_token_type_ids"]:
-            data.pop("mm_token_type_ids")
-        return BatchFeature(
-            data=data, tensor_type=options["return_tensors"], skip_tensor_conversion=self.skip_tensor_conversion
-        )
-
-    def _text_options(self, merged: dict) -> tuple[dict, dict]:
-        """The text keywords this processor applies (with their defaults) and the output flags, from merged kwargs;
-        text keywords that cannot apply to an expanded sequence are refused. As the tokenizer, `max_length` defaults to
-        its `model_max_length` (when that is set) for truncation and `padding="max_length"`."""
-        text_kwargs = dict(merged["text_kwargs"])
-        flags = {key: bool(text_kwargs.pop(key, merged.get(key))) for key in OUTPUT_FLAGS}
-        options = {key: text_kwargs.pop(key, default) for key, default in TEXT_OPTIONS.items()}
-        options = {key: default if options[key] is None else options[key] for key, default in TEXT_OPTIONS.items()}
-        if refused := sorted(key for key, value in text_kwargs.items() if value not in (None, False)):
+        given, defaults = merged["text_kwargs"], LlavaUhdProcessorKwargs._defaults["text_kwargs"]
+        if refused := sorted(
+            key for key, value in given.items() if key not in defaults and value not in (None, False)
+        ):
             raise ValueError(f"LlavaUhdProcessor does not support {refused} (the schema is expanded on token ids).")
-        for key in ("padding", "truncation"):  # PaddingStrategy / TruncationStrategy, or their string values
-            options[key] = getattr(options[key], "value", options[key])
-        options["truncation"] = options["truncation"] not in (None, False, "do_not_truncate")
+        settings = {key: default if given.get(key) is None else given[key] for key, default in defaults.items()}
         for key in ("max_length", "pad_to_multiple_of"):
-            if options[key] is not None:
-                _check_positive_int(key, options[key])
-        limit = self.tokenizer.model_max_length
-        if options["max_length"] is None and (options["truncation"] or options["padding"] == "max_length"):
-            options["max_length"] = limit if limit <= LARGE_INTEGER else None
-        return options, flags
-
-    def retokenize(self, input_ids: list[int]) -> list[int]:
-        """The ids of a prompt tokenized as one text (as serving engines such as vLLM do) made the ids this processor
-        gives: the text after each `<image>` tokenized as a text of its own, as the reference does (with the release's
-        `legacy=False` sentencepiece tokenizer, it starts with the dummy prefix `▁` only then). The ids before the first
-        `<image>` are kept. Each piece's text is read back from its ids (decoded from its `<image>` on, so the decoder
-        drops no space; a leading space is the tokenizer's own prefix when the text without it gives the same ids); a
-        piece whose text cannot be read back exactly is kept as it came."""
-        image = self.image_token_id
-        starts = [index for index, token in enumerate(input_ids) if token == image]
-        ids = list(input_ids[: starts[0]] if starts else input_ids)
-        for start, end in zip(starts, [*starts[1:], len(input_ids)]):
-            piece = list(input_ids[start:end])
-            text = self.tokenizer.decode(piece, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            text = text[len(self.image_token) :]
-            candidates = [text, text[1:]] if text.startswith(" ") else [text]
-            read = [
-                t
-                for t in candidates
-                if self.tokenizer(self.image_token + t, add_special_tokens=False)["input_ids"] == piece
-            ]
-            ids += self._tokenize([self.image_token + read[0]], False, False)[0][0] if read else piece
-        return ids
+            if settings[key] is not None:
+                _check_positive_int(key, settings[key])
+        for key in ("padding", "truncation"):  # PaddingStrategy / TruncationStrategy, or their string values
+            settings[key] = getattr(settings[key], "value", settings[key])
+        settings["truncation"] = settings["truncation"] not in (False, "do_not_truncate")
+        if settings["max_length"] is None and (settings["truncation"] or settings["padding"] == "max_length"):
+            limit = self.tokenizer.model_max_length
+            settings["max_length"] = limit if limit <= LARGE_INTEGER else None
+        images_kwargs = {key: value for key, value in merged["images_kwargs"].items() if key != "return_tensors"}
+        return settings, images_kwargs
 
     def _get_num_multimodal_tokens(self, image_sizes: list[list[int]] | None = None, **kwargs) -> MultiModalData:
         """Tokens each image of `(height, width)` stands for in the sequence (its schema, separators included) and its
@@ -380,6 +290,20 @@ class LlavaUhdProcessor(ProcessorMixin):
             start += count
         return groups
 
+    def _expand(self, sample: int, ids: list[int], offsets: list, grids, max_length: int | None) -> dict[str, list]:
+        """One text's ids with every image token expanded into the schema of the next grid of `grids`, with offsets
+        and token types (1 on a schema), truncated to `max_length` (never through a schema: see `_truncation`)."""
+        row = {"input_ids": [], "offset_mapping": [], "mm_token_type_ids": []}
+        for token, offset in zip(ids, offsets):
+            expanded = self.schema_ids(*next(grids)) if token == self.image_token_id else [token]
+            row["input_ids"] += expanded
+            row["offset_mapping"] += [tuple(offset)] * len(expanded)  # an image token's offsets are (0, 0)
+            row["mm_token_type_ids"] += [int(token == self.image_token_id)] * len(expanded)
+        if max_length is not None and len(row["input_ids"]) > max_length:
+            kept = self._truncation(sample, row["mm_token_type_ids"], max_length)
+            row = {name: column[kept] for name, column in row.items()}
+        return row
+
     def _truncation(self, sample: int, types: list[int], max_length: int) -> slice:
         """The positions kept by truncating to `max_length` on the tokenizer's truncation side; cutting into an
         image's schema (`types` 1) is refused."""
@@ -393,42 +317,61 @@ class LlavaUhdProcessor(ProcessorMixin):
             )
         return kept
 
-    def _pad(self, input_ids, offsets, types, padding, max_length, pad_to_multiple_of, padding_side) -> dict:
-        lengths = [len(ids) for ids in input_ids]
-        if padding is True or padding == "longest":
-            target = max(lengths, default=0)
-        elif padding == "max_length":
-            if max_length is None:
-                raise ValueError("`padding='max_length'` needs `max_length`: the tokenizer has no `model_max_length`.")
-            target = max_length
-        elif padding in (False, None, "do_not_pad"):
-            target = None
-        else:
+    def _pad(self, rows: list[dict[str, list]], settings: dict) -> dict[str, list]:
+        """The columns of the expanded `rows` that `settings` asks for: ids padded by the tokenizer, attention masks,
+        offsets and token types padded alike."""
+        ids, padding = [row["input_ids"] for row in rows], settings["padding"]
+        if padding not in (True, False, "longest", "max_length", "do_not_pad"):
             raise ValueError(
                 f"`padding` must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}."
             )
-        if target is not None and pad_to_multiple_of:
-            target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
-        side = padding_side or getattr(self.tokenizer, "padding_side", "right")
-        if side not in ("left", "right"):
+        if padding == "max_length" and settings["max_length"] is None:
+            raise ValueError("`padding='max_length'` needs `max_length`: the tokenizer has no `model_max_length`.")
+        if (side := settings["padding_side"] or self.tokenizer.padding_side) not in ("left", "right"):
             raise ValueError(f"`padding_side` must be 'left' or 'right', got {side!r}.")
-        if target is not None and self.tokenizer.pad_token_id is None and any(n < target for n in lengths):
-            raise ValueError("The tokenizer has no pad token; set `tokenizer.pad_token` to pad a batch.")
-        columns = {  # name: (rows, padding value)
-            "input_ids": (input_ids, self.tokenizer.pad_token_id),
-            "attention_mask": ([[1] * len(ids) for ids in input_ids], 0),
-            "offset_mapping": (offsets, (0, 0)),
-            "mm_token_type_ids": (types, 0),
-        }
-        out = {}
-        for name, (rows, value) in columns.items():
-            pads = [[value] * max((target or 0) - len(row), 0) for row in rows]
-            out[name] = [pad + row if side == "left" else row + pad for row, pad in zip(rows, pads)]
-        return out
+        if self.tokenizer.pad_token_id is None and padding not in (False, "do_not_pad"):
+            # The tokenizer refuses to pad without a pad token, even a batch that needs no padding: that one passes.
+            target = settings["max_length"] if padding == "max_length" else max(map(len, ids))
+            multiple = settings["pad_to_multiple_of"] or 1
+            if any(len(row) < -(-target // multiple) * multiple for row in ids):
+                raise ValueError("The tokenizer has no pad token; set `tokenizer.pad_token` to pad a batch.")
+            padding = False
+        padded = self.tokenizer.pad(
+            {"input_ids": ids},
+            padding=padding,
+            max_length=settings["max_length"] if padding == "max_length" else None,
+            pad_to_multiple_of=settings["pad_to_multiple_of"],
+            padding_side=settings["padding_side"],
+            return_attention_mask=True,
+        )
+        masks, columns = padded["attention_mask"], {"input_ids": padded["input_ids"]}
+        if settings["return_attention_mask"]:
+            columns["attention_mask"] = masks
+        alike = (
+            ("offset_mapping", (0, 0), "return_offsets_mapping"),
+            ("mm_token_type_ids", 0, "return_mm_token_type_ids"),
+        )
+        for name, pad, flag in alike:  # padded where the tokenizer padded
+            if settings[flag]:
+                values = [iter(row[name]) for row in rows]
+                columns[name] = [[next(v) if m else pad for m in mask] for v, mask in zip(values, masks)]
+        return columns
 
     @property
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", *self.image_processor.model_input_names]
+
+
+def _text_batch(text: str | list[str] | None) -> list[str]:
+    """`text` as a non-empty list of prompts."""
+    if text is None:
+        raise ValueError("`text` is required: a prompt (or list of prompts) with one `<image>` per image.")
+    texts = [text] if isinstance(text, str) else list(text)
+    if not all(isinstance(t, str) for t in texts):
+        raise TypeError("`text` must be a string or a list of strings.")
+    if not texts:
+        raise ValueError("`text` is an empty list: pass at least one prompt.")
+    return texts
 
 
 def _char_id(tokenizer, char: str) -> int:

@@ -37,8 +37,10 @@ from vllm.multimodal.processing import (
 )
 from vllm.sequence import IntermediateTensors
 
-from .modeling_llava_uhd import LlavaUhdResampler, crops_by_shape, never_generated, resize_position_table
+from .layout_llava_uhd import crops_per_image, encode_by_shape
+from .modeling_llava_uhd import LlavaUhdResampler, never_generated, resize_position_table
 from .processing_llava_uhd import LlavaUhdProcessor
+from .vllm_tokenization import retokenize
 
 
 class LlavaUhdVisionEmbeddings(CLIPVisionEmbeddings):
@@ -110,8 +112,8 @@ class LlavaUhdMultiModalProcessor(BaseMultiModalProcessor[LlavaUhdProcessingInfo
 
     def _postprocess_prompt(self, prompt: list[int]) -> list[int]:
         """vLLM tokenizes the prompt as one text; the reference tokenizes the text after each `<image>` on its own
-        (with Vicuna's `legacy=False` tokenizer that text starts with `▁`): `LlavaUhdProcessor.retokenize`."""
-        return self.info.get_hf_processor().retokenize(prompt)
+        (with Vicuna's `legacy=False` tokenizer that text starts with `▁`): see `retokenize`."""
+        return retokenize(self.info.get_hf_processor(), prompt)
 
     def _get_hf_mm_text(self, mm_counts: Mapping[str, int]) -> str:
         return self.dummy_inputs.get_dummy_text(mm_counts)
@@ -120,7 +122,7 @@ class LlavaUhdMultiModalProcessor(BaseMultiModalProcessor[LlavaUhdProcessingInfo
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
     ) -> Mapping[str, MultiModalFieldConfig]:
         slice_grid = hf_inputs.get("slice_grid", torch.empty(0, 2, dtype=torch.long))
-        crops = slice_grid.prod(-1) + 1
+        crops = torch.tensor([crops_per_image(rows, cols) for rows, cols in slice_grid.tolist()], dtype=torch.long)
         patches = hf_inputs.get("image_grid_hw", torch.empty(0, 2, dtype=torch.long)).prod(-1)
         patches_per_image = torch.tensor([int(chunk.sum()) for chunk in patches.split(crops.tolist())])
         return {
@@ -207,27 +209,19 @@ class LlavaUhdForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP
             )
         )
 
-    def _encode_crops(self, pixel_values: torch.Tensor, image_grid_hw: torch.Tensor) -> torch.Tensor:
-        """Packed crops -> `[crops, num_queries, hidden]`: one CLIP forward (up to the feature layer, class token
-        dropped) and one resampler call per distinct patch grid."""
-        patch = self.config.vision_config.patch_size
-        tokens = None
-        for (height, width), indices, images in crops_by_shape(pixel_values, image_grid_hw.tolist(), patch):
-            features = self.vision_tower(images.to(self.vision_tower.dtype))[:, -height * width :]
-            compressed = self.resampler(features, height, width)
-            if tokens is None:
-                tokens = compressed.new_empty(len(image_grid_hw), *compressed.shape[1:])
-            tokens[indices] = compressed
-        return tokens
+    def _encode_crop_group(self, images: torch.Tensor, height: int, width: int, indices: list[int]) -> torch.Tensor:
+        """Same-shape crops -> `[crops, num_queries, hidden]`: CLIP up to the feature layer, class token dropped."""
+        features = self.vision_tower(images.to(self.vision_tower.dtype))[:, -height * width :]
+        return self.resampler(features, height, width)
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         pixel_values = kwargs.get("pixel_values")
         if pixel_values is None:
             return []
-        image_grid_hw, slice_grid = kwargs["image_grid_hw"], kwargs["slice_grid"]
-        crops_per_image = (slice_grid.prod(-1) + 1).tolist()
-        tokens = self._encode_crops(pixel_values, image_grid_hw)
-        return [image.flatten(0, 1) for image in tokens.split(crops_per_image)]
+        image_grid_hw, slice_grid = kwargs["image_grid_hw"].tolist(), kwargs["slice_grid"].tolist()
+        patch = self.config.vision_config.patch_size
+        tokens = encode_by_shape(pixel_values, image_grid_hw, patch, self._encode_crop_group)
+        return [image.flatten(0, 1) for image in tokens.split([crops_per_image(*grid) for grid in slice_grid])]
 
     def forward(
         self,

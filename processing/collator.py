@@ -3,6 +3,7 @@
 import copy
 import io
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -13,9 +14,10 @@ from PIL import Image
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from modeling_llava_uhd import LlavaUhdProcessor, UnusableSampleError
-from modeling_llava_uhd.modeling_llava_uhd import image_schema_mask
+from modeling_llava_uhd.image_processing_llava_uhd import NO_PRE_RESIZE, legacy_max_image_size
+from modeling_llava_uhd.layout_llava_uhd import image_schema_mask
 
-from .llava_format import BadRowError, OnBadRow, check_on_bad_row
+from .llava_format import BadRowError, OnBadRow, brief, check_on_bad_row
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +57,17 @@ def training_chat_template(processor: LlavaUhdProcessor, chat_format: ChatFormat
 
 def open_image(image: Any) -> Image.Image:
     """Decode a path, an undecoded `datasets` image (`{"bytes", "path"}`) or a PIL image completely, so that a missing,
-    corrupt or truncated file fails here."""
+    corrupt or truncated file fails here, and no image (a null, or `{"bytes": None, "path": None}`) with a
+    `ValueError`."""
+    source = image
     if isinstance(image, dict):
-        image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
-    if not isinstance(image, Image.Image):
-        image = Image.open(image)
-    image.load()
-    return image
+        source = io.BytesIO(image["bytes"]) if image.get("bytes") else image.get("path")
+    if isinstance(source, (str, os.PathLike, io.BytesIO)):
+        source = Image.open(source)
+    elif not isinstance(source, Image.Image):
+        raise ValueError(f"no image: expected a path, a PIL image or a `datasets` image, got {brief(image)}")
+    source.load()
+    return source
 
 
 @dataclass
@@ -182,7 +188,7 @@ def make_collator(
     chat_format: ChatFormat = "chat",
     max_length: int | None = None,
     max_slice_nums: int | None = None,
-    max_image_size: int | None = None,
+    max_image_size: int = NO_PRE_RESIZE,
     assistant_only_loss: bool = True,
     pad_to_multiple_of: int | None = None,
     dataset: Dataset | None = None,
@@ -191,14 +197,15 @@ def make_collator(
 ) -> LlavaUhdDataCollator:
     """The collator of a training stage.
 
-    It works on a copy of `processor`, so the processor saved with the model keeps its inference settings:
-    `max_slice_nums` (1: overview only, stage 1) and `max_image_size` (the long-side pre-resize of the reference's
-    evaluation, which its training skipped: `None`) apply to training batches only.
+    It works on a copy of `processor` (TRL's collator calls the processor itself and passes it no image keywords),
+    so the processor saved with the model keeps its inference settings: `max_slice_nums` (1: overview only, stage 1;
+    `None`: the processor's) and `max_image_size` (the long-side pre-resize of the reference's evaluation, which its
+    training skipped: 0, no pre-resize) apply to training batches only.
     """
     processor = copy.deepcopy(processor)
     if max_slice_nums is not None:
         processor.image_processor.max_slice_nums = max_slice_nums
-    processor.image_processor.max_image_size = max_image_size
+    processor.image_processor.max_image_size = legacy_max_image_size(max_image_size)
     collator = DataCollatorForVisionLanguageModeling(
         processor=processor,
         max_length=max_length,

@@ -8,6 +8,7 @@ the data-loader workers, when a batch needs them (see `processing.collator`).
 import json
 import logging
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -39,7 +40,8 @@ def check_on_bad_row(on_bad_row: str) -> None:
         raise ValueError(f"`on_bad_row` must be 'skip' or 'error', got {on_bad_row!r}.")
 
 
-def _brief(value: Any, limit: int = 80) -> str:
+def brief(value: Any, limit: int = 80) -> str:
+    """`repr(value)`, cut to `limit` characters."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -54,13 +56,13 @@ def _image_paths(
         images = [images]
     if not isinstance(images, list) or not all(isinstance(image, str) and image for image in images):
         raise BadRowError(
-            row_id, "malformed image field", f": `image` must be a path or a list of paths, got {_brief(images)}"
+            row_id, "malformed image field", f": `image` must be a path or a list of paths, got {brief(images)}"
         )
     if not image_folder:
         return images
     paths = [os.path.join(image_folder, image) for image in images]
     if not allow_paths_outside_image_folder:
-        # On the path as written: a `..` or an absolute path leaves the folder; symlinks inside it are followed.
+        # On the path as written: a `..` or an absolute path may leave the folder; symlinks inside it are followed.
         folder = os.path.abspath(image_folder)
         for image, path in zip(images, paths):
             if os.path.commonpath([folder, os.path.abspath(path)]) != folder:
@@ -85,9 +87,10 @@ def convert_llava_row(
     template renders it `<image>\\n` before the (stripped) text, or `<image>` alone when no text is left. A first turn
     that is the assistant's is dropped, as the reference drops it. Rows without `"image"` are text-only.
 
-    Image paths are joined to `image_folder` and must stay inside it as written (no `..` out of it, no absolute path)
-    unless `allow_paths_outside_image_folder`; symlinks inside the folder are followed, not checked. Without
-    `image_folder`, paths are used as given (relative to the current directory).
+    Image paths are joined to `image_folder` and must stay inside it as written (no `..` out of it, no absolute path
+    elsewhere; an absolute path inside it is accepted) unless `allow_paths_outside_image_folder`; symlinks inside the
+    folder are followed, not checked. Without `image_folder`, paths are used as given (relative to the current
+    directory).
 
     Raises:
         BadRowError: a row that is not a JSON object, an `image` field that is not a path or a list of paths, malformed
@@ -95,13 +98,13 @@ def convert_llava_row(
             path outside `image_folder`, or an image file that does not exist.
     """
     if not isinstance(row, dict):
-        raise BadRowError("?", "not an object", f": a row must be a JSON object, got {_brief(row)}")
+        raise BadRowError("?", "not an object", f": a row must be a JSON object, got {brief(row)}")
     row_id = str(row.get("id", "?"))
     paths = _image_paths(row_id, row.get("image"), image_folder, allow_paths_outside_image_folder)
     turns = row.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise BadRowError(
-            row_id, "malformed conversations", f": `conversations` must be a non-empty list, got {_brief(turns)}"
+            row_id, "malformed conversations", f": `conversations` must be a non-empty list, got {brief(turns)}"
         )
 
     if isinstance(turns[0], dict) and ROLES.get(str(turns[0].get("from"))) == "assistant":
@@ -109,12 +112,12 @@ def convert_llava_row(
     messages, placeholders = [], 0
     for turn in turns:
         if not isinstance(turn, dict):
-            raise BadRowError(row_id, "malformed turn", f": a turn must be a JSON object, got {_brief(turn)}")
+            raise BadRowError(row_id, "malformed turn", f": a turn must be a JSON object, got {brief(turn)}")
         speaker, value = turn.get("from"), turn.get("value")
         role = ROLES.get(speaker) if isinstance(speaker, str) else None
         if role is None or not isinstance(value, str):
             raise BadRowError(
-                row_id, "malformed turn", f": needs `from` in {sorted(ROLES)} and a str `value`, got {_brief(turn)}"
+                row_id, "malformed turn", f": needs `from` in {sorted(ROLES)} and a str `value`, got {brief(turn)}"
             )
         count = value.count(IMAGE_PLACEHOLDER)
         if count and role != "user":
@@ -138,6 +141,14 @@ def convert_llava_row(
     return {"id": row_id, "images": paths, "messages": messages}
 
 
+def _json_problem(error: Exception) -> str:
+    """What `json.loads` found wrong; Python's parser recurses per nesting level, so nesting as deep as its recursion
+    limit is refused like any other invalid JSON."""
+    if isinstance(error, RecursionError):
+        return f"nested too deeply to parse (Python's recursion limit is {sys.getrecursionlimit()})"
+    return str(error)
+
+
 def _read_json_list(data_path: str | os.PathLike) -> list:
     """The rows of a JSON list file (none for an empty file)."""
     with open(data_path, "rb") as file:
@@ -146,10 +157,10 @@ def _read_json_list(data_path: str | os.PathLike) -> list:
         return []
     try:
         raw = json.loads(text)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         raise ValueError(
-            f"{data_path} is not valid JSON ({error}). LLaVA-format data is a JSON list of rows, or JSONL (one row "
-            "per line) in a file whose name ends in `.jsonl`."
+            f"{data_path} is not valid JSON ({_json_problem(error)}). LLaVA-format data is a JSON list of rows, or "
+            "JSONL (one row per line) in a file whose name ends in `.jsonl`."
         ) from None
     if not isinstance(raw, list):
         kind = type(raw).__name__
@@ -170,8 +181,8 @@ def _read_rows(data_path: str | os.PathLike) -> Iterator[tuple[str, Any, BadRowE
                 continue
             try:
                 row, error = json.loads(line), None
-            except ValueError as problem:  # JSONDecodeError, or bytes that are not UTF-8
-                row, error = None, BadRowError("?", "invalid JSON", f": {problem}")
+            except (ValueError, RecursionError) as problem:  # JSONDecodeError, bytes that are not UTF-8, deep nesting
+                row, error = None, BadRowError("?", "invalid JSON", f": {_json_problem(problem)}")
             yield f"line {number}", row, error
 
 

@@ -1,6 +1,7 @@
 """The real-width tier's steps as session fixtures (tests/realwidth.py), shared by its transformers and vLLM tests:
 each runs once, in a process of its own, after the one it needs, so their memory never adds up."""
 
+import os
 import sys
 
 import pytest
@@ -16,7 +17,9 @@ def realwidth_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def realwidth_checkpoint(realwidth_dir):
     """The random checkpoint: `llava/` (the authors' layout) and `clip/` in `realwidth_dir`."""
-    result, peak, wall = run_measured([sys.executable, str(SCRIPT), "checkpoint", str(realwidth_dir)], 900, cwd=ROOT)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}  # the checkout's modules
+    command = [sys.executable, str(SCRIPT), "checkpoint", str(realwidth_dir)]
+    result, peak, wall = run_measured(command, 900, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     print(f"\nreal width: checkpoint written in {wall:.0f} s (peak RssAnon {peak / 2**30:.2f} GiB)")
     return realwidth_dir
@@ -47,7 +50,9 @@ def realwidth_transformers(realwidth_conversion, realwidth_photo, realwidth_dir)
     out = realwidth_dir / "transformers.json"
     folder = realwidth_conversion.output
     result, peak, wall = run_measured(
-        [sys.executable, str(SCRIPT), "transformers", str(folder), str(realwidth_photo), str(out)], 900, cwd=realwidth_dir
+        [sys.executable, str(SCRIPT), "transformers", str(folder), str(realwidth_photo), str(out)],
+        900,
+        cwd=realwidth_dir,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     print(f"\nreal width: transformers in {wall:.0f} s (peak RssAnon {peak / 2**30:.2f} GiB)")

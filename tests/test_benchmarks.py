@@ -1,9 +1,12 @@
 """Every benchmark runs once on small inputs so that none of them can rot. These are smoke runs, not measurements."""
 
+import os
+
 import pytest
 import torch
 
-from benchmarks import flops, gpu, preprocess, quantization, vision
+from benchmarks import flops, gpu, preprocess, quantization, serving, vision
+from benchmarks.common import median_seconds, photos
 
 
 @pytest.fixture(autouse=True)
@@ -42,6 +45,45 @@ def test_gpu_refuses_without_cuda_and_runs_tiny_on_cpu(monkeypatch):
     rows = gpu.main(["--device", "cpu", "--tiny", "--iterations", "1", "--new-tokens", "2", "--dtype", "float32",
                      "--threads", "1"])  # fmt: skip
     assert [row["name"] for row in rows] == ["LLaVA-UHD release", "LLaVA-1.5 (transformers)"]
+
+
+def test_serving_rows_share_one_thread_setting(monkeypatch, capsys):
+    """Every row of the serving benchmark computes on `--threads` threads (issue 21, C: vLLM bound one thread while
+    `generate` took every core): torch's in this process, and vLLM's worker bound to as many cores."""
+    for name in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_ENABLE_V1_MULTIPROCESSING"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    cores = serving.usable_cores()
+    assert serving.parse_args([]).threads == max(1, len(cores) - 1)
+    for threads in (0, len(cores) + 1):
+        with pytest.raises(SystemExit):
+            serving.parse_args(["--threads", str(threads)])
+    settings = serving.pin_threads(1)
+    assert torch.get_num_threads() == 1
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == str(cores[0])
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+    assert settings == f"1 compute thread(s) per row: torch.set_num_threads(1); VLLM_CPU_OMP_THREADS_BIND={cores[0]}"
+    serving.check_threads(1)
+    torch.set_num_threads(2)
+    with pytest.raises(RuntimeError, match="torch runs 2 threads in this process, not 1"):
+        serving.check_threads(1)
+
+    torch.set_num_threads(1)
+    args = serving.parse_args(["--max-tokens", "2", "--batch-size", "2"])
+    folder = str(serving.default_model_path())
+    rows = serving.transformers_rows(folder, serving.request_prompt(folder), photos([(224, 224), (500, 300)]), args)
+    assert list(rows) == [serving.ANCHOR, "transformers generate, batched"]
+    assert all(seconds > 0 for seconds in median_seconds(rows, 1).values())
+
+
+def test_serving_runs_with_vllm(capsys):
+    """The whole benchmark, tiny (runs where vLLM is installed: `.ci/vllm.sh`)."""
+    pytest.importorskip("vllm")
+    tiny = ["--requests", "2", "--max-tokens", "2", "--batch-size", "2", "--passes", "1", "--threads", "1"]
+    rates = serving.main(tiny)
+    assert list(rates) == [serving.ANCHOR, "transformers generate, batched", "vLLM (continuous batching)"]
+    assert all(rate > 0 for rate in rates.values())
+    printed = capsys.readouterr().out
+    assert "torch.set_num_threads(1); VLLM_CPU_OMP_THREADS_BIND=" in printed and "| 1.00x" in printed
 
 
 def test_quantization_weights_table_from_the_shapes():

@@ -4,14 +4,17 @@ in one line on stderr with a non-zero exit, before any model loads; `--debug` sh
 import json
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from modeling_llava_uhd import cli, default_model_path
 from modeling_llava_uhd import BUNDLE_FILES
@@ -125,6 +128,13 @@ def bad_files(tmp_path_factory):
     (folder / "empty-model").mkdir()
     (folder / "bad-json").mkdir()
     (folder / "bad-json" / "config.json").write_text("{not json")
+    os.mkfifo(folder / "fifo.png")  # reading it waits for a writer forever
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(folder / "socket.png"))
+    shutil.copy(DETAIL, folder / "photo.png")  # the user's photo: never written
+    (folder / "link.png").symlink_to(folder / "photo.png")
+    os.link(folder / "photo.png", folder / "hard.png")
+    (folder / "existing.png").write_bytes(b"a file the user wrote")
     return folder
 
 
@@ -159,24 +169,58 @@ BAD_INPUTS = {  # name: (arguments, {bad files} filled in, fragments of the one 
     "chat folder without config": ([*CHAT, "--model", "{}/empty-model"], ["without a config.json"]),
     "chat unreadable config": ([*CHAT, "--model", "{}/bad-json"], ["not readable JSON"]),
     "chat missing model folder": ([*CHAT, "--model", "./no/such/model"], ["'./no/such/model'", "no such folder"]),
+    "slices FIFO image": (["slices", "{}/fifo.png"], ["fifo.png", "is a FIFO (named pipe), not an image file"]),
+    "slices socket image": (["slices", "{}/socket.png"], ["socket.png", "is a socket or a device"]),
+    "slices device image": (["slices", "/dev/zero"], ["'/dev/zero' is a character device, not an image file"]),
+    "chat FIFO image": (["chat", "--image", "{}/fifo.png", "--prompt", "What?"], ["is a FIFO (named pipe)"]),
+    "slices --out the input": (["slices", "{}/photo.png", "--out", "{}/photo.png"], ["is the input image"]),
+    "slices --out the input, --overwrite": (
+        ["slices", "{}/photo.png", "--out", "{}/photo.png", "--overwrite"], ["photo.png' is the input image"]
+    ),
+    "slices --out a symlink to the input": (
+        ["slices", "{}/photo.png", "--out", "{}/link.png", "--overwrite"], ["link.png' is the input image"]
+    ),
+    "slices --out a hard link to the input": (
+        ["slices", "{}/photo.png", "--out", "{}/hard.png", "--overwrite"], ["hard.png' is the input image"]
+    ),
+    "slices --out the input by another path": (
+        ["slices", "{}/link.png", "--out", "{}/folder.png/../photo.png", "--overwrite"], ["is the input image"]
+    ),
+    "slices --out an existing file": (
+        ["slices", D, "--out", "{}/existing.png"], ["existing.png' exists; pass --overwrite to replace it"]
+    ),
+    "slices --out without extension": (["slices", D, "--out", "{}/name"], ["an image file extension", "got none"]),
+    "slices --out unknown extension": (["slices", D, "--out", "{}/a.xyz"], ["image file extension", "got '.xyz'"]),
+    "slices --out a folder": (["slices", D, "--out", "{}/folder.png"], ["folder.png' is a folder; name the image"]),
+    "slices --out in a missing folder": (["slices", D, "--out", "{}/no/a.png"], ["the folder", "does not exist"]),
+    "slices --out a FIFO, --overwrite": (
+        ["slices", D, "--out", "{}/fifo.png", "--overwrite"], ["fifo.png' is a FIFO (named pipe), not a file"]
+    ),
 }
 if not torch.cuda.is_available():  # this torch build, or this machine, has no CUDA
     BAD_INPUTS["chat --device cuda"] = ([*CHAT, "--device", "cuda"], ["--device cuda", "CUDA is not available"])
 
 
+def contents(folder: Path) -> dict[str, bytes | None]:
+    """Every entry of `folder` (recursively) and the bytes of its regular files."""
+    return {str(path): path.read_bytes() if path.is_file() else None for path in sorted(folder.rglob("*"))}
+
+
 @pytest.mark.parametrize("name", BAD_INPUTS)
 def test_bad_input_fails_in_one_line_before_the_model_loads(name, bad_files, tmp_path, monkeypatch, capfd):
-    """28 bad inputs (29 where CUDA is unavailable): exit 2 (argument) or 1, one line on stderr naming the problem,
-    nothing on stdout, and no model loaded."""
+    """43 bad inputs (44 where CUDA is unavailable): exit 2 (argument) or 1, one line on stderr naming the problem,
+    nothing on stdout, no model loaded, and no file created or changed."""
     arguments, fragments = BAD_INPUTS[name]
     monkeypatch.setenv("LLAVA_UHD_CACHE", str(tmp_path))
     loaded = []
     monkeypatch.setattr(cli, "load_model", lambda *args: loaded.append(args), raising=False)
+    before = contents(bad_files)
     code = cli.main([argument.replace("{}", str(bad_files)) for argument in arguments])
     captured = capfd.readouterr()
     assert code in (1, 2) and captured.out == ""
     assert_one_line_failure(code, captured.err, *fragments)
     assert loaded == []
+    assert contents(bad_files) == before
 
 
 def test_any_failure_is_one_line_and_debug_shows_the_traceback(monkeypatch, capfd):
@@ -197,3 +241,114 @@ def test_any_failure_is_one_line_and_debug_shows_the_traceback(monkeypatch, capf
     assert line.startswith("llava-uhd slices: error:")
     with pytest.raises(RuntimeError, match="internal"):
         cli.main(["slices", D, "--debug"])
+
+
+def test_out_is_written_whole_and_replaces_a_file_only_with_overwrite(tmp_path, monkeypatch, capfd):
+    """`--out` goes through a staging file renamed into place: a failed write leaves the old file as it was and no
+    staging file behind; `--overwrite` replaces a file; any image extension Pillow writes is accepted."""
+    out = tmp_path / "grid.png"
+    out.write_bytes(b"the user's file")
+    assert cli.main(["slices", D, "--out", str(out), "--overwrite"]) == 0
+    with Image.open(out) as drawn:
+        assert drawn.format == "PNG" and drawn.size == (682, 1024)
+    assert cli.main(["slices", D, "--out", str(tmp_path / "grid.JPG")]) == 0
+    with Image.open(tmp_path / "grid.JPG") as drawn:
+        assert drawn.format == "JPEG"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["grid.JPG", "grid.png"]
+
+    def fail_midway(image, file, **kwargs):
+        file.write(b"half an image")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", fail_midway)
+    out.write_bytes(b"the user's file")
+    capfd.readouterr()
+    code = cli.main(["slices", D, "--out", str(out), "--overwrite"])
+    assert_one_line_failure(code, capfd.readouterr().err, "No space left on device")
+    assert out.read_bytes() == b"the user's file"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["grid.JPG", "grid.png"]
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: connections to it are refused at once."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        return server.getsockname()[1]
+
+
+# `llava-uhd ARGS` after the slow imports (torch, transformers), printing how long `main` took.
+TIMED_MAIN = """
+import sys, time, torch, transformers
+from modeling_llava_uhd import cli
+start = time.monotonic()
+code = cli.main(sys.argv[1:])
+print(f"{time.monotonic() - start:.1f}")
+sys.exit(code)
+"""
+
+
+def hub_cache(home: Path, repo: str) -> None:
+    """The default model as Hub repo `repo` in the Hugging Face cache under `home` (`HF_HOME`), as if downloaded."""
+    commit = "0" * 40
+    cache = home / "hub" / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(default_model_path(home / "source"), cache / "snapshots" / commit)
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text(commit)
+
+
+def test_a_hub_model_fails_fast_in_one_line_when_the_hub_cannot_be_reached(tmp_path):
+    """3 bad inputs, the Hub at a closed port (issue 21, defect 16: 12 retry lines over ~30 s): `--model org/name`
+    with and without `--trust-remote-code`, and with `HF_HUB_OFFLINE=1`, each one line within 10 s; a model in the
+    local cache is still answered, from the cache, with nothing on stderr."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")} | {
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}",
+        "LLAVA_UHD_CACHE": str(tmp_path / "cache"),
+    }
+    sample = make_sample("test", DETAIL_INDEX)
+    chat = ("chat", "--image", D, "--prompt", sample.question)
+
+    def run(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", TIMED_MAIN, *chat, *args], capture_output=True, text=True,
+                              cwd=ROOT, env=env | extra, timeout=300, check=False)  # fmt: skip
+
+    for args, extra, reason in (
+        ((), {}, "the Hub at http://127.0.0.1:"),
+        (("--trust-remote-code",), {}, "did not answer"),
+        ((), {"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+    ):
+        result = run("--model", "org/name", *args, **extra)
+        assert_one_line_failure(result.returncode, result.stderr, "'org/name' is not in the local Hub cache", reason)
+        assert float(result.stdout) < 10, result.stdout
+    hub_cache(tmp_path / "hf", "org/name")
+    answered = run("--model", "org/name")
+    assert answered.returncode == 0 and answered.stderr == "", answered.stderr[-2000:]
+    assert answered.stdout.splitlines()[0] == sample.answer
+
+
+def test_a_chat_template_that_never_finishes_is_stopped_in_one_line(tmp_path):
+    """1 bad input (issue 21, defect 17: `chat` hung): a model folder whose chat template nests two 100,000-step
+    loops (10^10 steps; Jinja's sandbox bounds each `range` only) is stopped after `TEMPLATE_SECONDS` (1 s here), in
+    one line, in a real process (the time limit is a signal)."""
+    folder = tmp_path / "model"
+    shutil.copytree(default_model_path(tmp_path / "source"), folder)
+    (folder / "chat_template.jinja").write_text(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    )
+    code = "import sys; from modeling_llava_uhd import cli; cli.TEMPLATE_SECONDS = 1; sys.exit(cli.main(sys.argv[1:]))"
+    result = subprocess.run(
+        [sys.executable, "-c", code, "chat", "--model", str(folder), "--image", D, "--prompt", "What?"],
+        capture_output=True, text=True, cwd=ROOT, env=os.environ | {"HF_HUB_OFFLINE": "1"}, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.stdout == ""
+    assert_one_line_failure(result.returncode, result.stderr, f"the chat template of {str(folder)!r} ran for over 1 s")
+
+
+def test_a_cache_variable_naming_a_file_is_named_in_the_error(tmp_path, monkeypatch, capfd):
+    """2 bad inputs: `LLAVA_UHD_CACHE` a file, or a path through a file: one line naming the variable."""
+    (tmp_path / "file").write_text("not a folder")
+    for value, problem in ((tmp_path / "file", "is a file, not a folder"), (tmp_path / "file" / "sub", "cannot be")):
+        monkeypatch.setenv("LLAVA_UHD_CACHE", str(value))
+        code = cli.main([*CHAT])
+        assert_one_line_failure(code, capfd.readouterr().err, f"{value} ($LLAVA_UHD_CACHE)", problem)
+    assert (tmp_path / "file").read_text() == "not a folder"

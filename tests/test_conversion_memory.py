@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from realwidth import FIXTURES, convert_measured, largest_tensor_bytes, write_shards
 from test_conversion import original_config, original_key, write_original
@@ -33,6 +34,7 @@ def write_big_original(folder: Path, shard_mb: int = 48) -> int:
     return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
 
 
+@pytest.mark.slow
 def test_peak_memory_stays_near_one_shard_plus_the_largest_tensor(tmp_path):
     """Anonymous memory (RssAnon, sampled) over the converter's own imports stays below one output shard plus the
     largest tensor (the grown embedding) and a small fixed overhead: the embeddings grow without float64 copies or a

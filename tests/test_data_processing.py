@@ -187,6 +187,26 @@ def test_plain_format_is_image_then_caption_overview_only(dataset, processor):
     assert training_chat_template(processor, "chat").endswith(processor.chat_template)
 
 
+def test_training_batches_skip_the_pre_resize_unless_asked(dataset, processor):
+    """As the reference's training: no pre-resize by default (0), a long side when given; `None`, the former spelling
+    of "no pre-resize", still means it, with a FutureWarning. The processor keeps its own setting (1024)."""
+    row = next(row for row in dataset if row["images"])
+    with PILImage.open(row["images"][0]) as image:
+        image = image.convert("RGB")
+    layouts = {}
+    for max_image_size in (0, 1024, 500):
+        batch = make_collator(processor, max_image_size=max_image_size, max_length=4096, dataset=dataset)([row])
+        expected = processor.image_processor(image, max_image_size=max_image_size)
+        assert torch.equal(batch["pixel_values"], expected["pixel_values"]), max_image_size
+        layouts[max_image_size] = batch["image_grid_hw"].tolist()
+    assert layouts[0] != layouts[1024] != layouts[500]
+    assert make_collator(processor, dataset=dataset)([row])["image_grid_hw"].tolist() == layouts[0]
+    with pytest.warns(FutureWarning, match="max_image_size=None"):
+        legacy = make_collator(processor, max_image_size=None, dataset=dataset)
+    assert legacy([row])["image_grid_hw"].tolist() == layouts[0]
+    assert processor.image_processor.max_image_size == 1024
+
+
 def test_truncation_keeps_every_image_token_or_refuses_the_row(dataset, processor, caplog):
     by_id = {row["id"]: row for row in dataset}
     full = make_collator(processor, max_length=4096, dataset=dataset)([by_id["two-turns"]])

@@ -1,6 +1,7 @@
 """Bad training data never stops or corrupts a load or a batch by accident: malformed rows, image paths that leave
 `image_folder`, rows with nothing left to learn after truncation (issue 13)."""
 
+import io
 import json
 import logging
 import os
@@ -9,7 +10,7 @@ from collections import Counter
 
 import pytest
 import torch
-from datasets import Dataset
+from datasets import Dataset, Features, Image, List, Value
 from jinja2.exceptions import TemplateSyntaxError
 from llava_data import draw, write_llava_dataset
 from tiny import make_model, make_processor
@@ -131,6 +132,28 @@ def test_files_that_are_not_rows_fail_naming_the_file(folder, tmp_path):
         load_llava_dataset(good, tmp_path / "nowhere")
 
 
+def test_json_nested_too_deeply_is_invalid_json_naming_the_file_and_line(folder, tmp_path, caplog):
+    """3 bad inputs (issue 21, defect 14: a bare `RecursionError` aborted the load): a JSONL line of 100,000 nested
+    lists, one of nested objects (each an invalid-JSON row: skipped and counted, or a `BadRowError` naming the file and
+    line), and a JSON list file nested as deep (a `ValueError` naming the file)."""
+    depth = 100_000
+    deep = ["[" * depth + "]" * depth, '{"a": ' * depth + "1" + "}" * depth]
+    good = json.dumps(good_rows(folder)[0])
+    data = write_jsonl(tmp_path / "data.jsonl", [good, *deep])
+    with caplog.at_level(logging.WARNING, logger="processing.llava_format"):
+        assert len(load_llava_dataset(data, folder / "images")) == 1
+    assert f"Skipped 2 of 3 rows of {data} ({{'invalid JSON': 2}})" in caplog.text
+    for line in (2, 3):
+        lines = [good, deep[line - 2]] if line == 2 else [good, good, deep[1]]
+        write_jsonl(data, lines)
+        with pytest.raises(BadRowError, match=f"^Row at {re.escape(str(data))}, line {line}: invalid JSON: nested"):
+            load_llava_dataset(data, folder / "images", on_bad_row="error")
+    (tmp_path / "deep.json").write_text(f"[{good}, {deep[0]}]")
+    for on_bad_row in ("skip", "error"):
+        with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'deep.json'))} is not valid JSON \\(nested"):
+            load_llava_dataset(tmp_path / "deep.json", folder / "images", on_bad_row=on_bad_row)
+
+
 def test_more_images_than_placeholders_is_a_bad_row_at_load(folder, tmp_path, caplog):
     row = {"id": "two-images", "image": ["000.png", "001.png"], "conversations": TURNS}  # both files exist
     unplaced = {"id": "no-placeholder", "image": "000.png", "conversations": TEXT_TURNS}
@@ -174,6 +197,23 @@ def test_image_paths_stay_inside_image_folder_unless_allowed(folder, tmp_path):
         load_training_dataset(args)
     args.allow_paths_outside_image_folder = True
     assert load_training_dataset(args)["id"] == ["a", "b"]
+
+
+def test_a_sibling_folder_sharing_the_name_prefix_is_outside_and_an_absolute_path_inside_is_inside(
+    tmp_path, monkeypatch
+):
+    """2 bad inputs: `../images2/secret.png` and its absolute path, with `image_folder="images"` (a prefix check of the
+    path would let them through), refused; an absolute path inside the folder is accepted."""
+    monkeypatch.chdir(tmp_path)
+    for folder in ("images", "images2"):
+        (tmp_path / folder).mkdir()
+    draw("red", "square", (40, 30)).save(tmp_path / "images" / "a.png")
+    draw("blue", "circle", (40, 30)).save(tmp_path / "images2" / "secret.png")
+    for image in ("../images2/secret.png", str(tmp_path / "images2" / "secret.png")):
+        with pytest.raises(BadRowError, match=f"image path outside image_folder: {re.escape(repr(image))} is not"):
+            convert_llava_row({"id": "r", "image": image, "conversations": TURNS}, "images")
+    inside = str(tmp_path / "images" / "a.png")
+    assert convert_llava_row({"image": inside, "conversations": TURNS}, "images")["images"] == [inside]
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +274,37 @@ def test_failures_that_no_row_causes_are_raised_not_replaced(processor, rows):
     hopeless.max_replacements = 3
     with pytest.raises(RuntimeError, match="3 rows drawn in a row were unusable.*Row long-question: no supervised"):
         hopeless([long])
+
+
+def test_a_null_image_in_a_messages_dataset_is_a_bad_row(processor, caplog):
+    """2 bad inputs: in a real `List(Image(decode=False))` column, a null and `{"bytes": None, "path": None}` (issue
+    21, defect 2: an `AttributeError` stopped training): a `BadRowError` naming the row, or replaced under `skip`."""
+    png = io.BytesIO()
+    draw("red", "square", (80, 60)).save(png, format="PNG")
+    features = Features(
+        {
+            "id": Value("string"),
+            "images": List(Image(decode=False)),
+            "messages": List({"role": Value("string"), "content": Value("string")}),
+        }
+    )
+    messages = [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "A red square."}]
+    images = [[{"bytes": png.getvalue(), "path": None}], [None], [{"bytes": None, "path": None}]]
+    dataset = Dataset.from_dict(
+        {"id": ["good", "null", "empty"], "images": images, "messages": [messages] * 3}, features=features
+    )
+    good, null, empty = dataset
+    assert null["images"] == [None] and empty["images"] == [{"bytes": None, "path": None}]
+
+    strict = make_collator(processor, on_bad_row="error")
+    for row, got in ((null, "None"), (empty, "{'bytes': None, 'path': None}")):
+        message = f"^Row {row['id']}: unreadable image: no image: .* got {re.escape(got)}$"
+        with pytest.raises(BadRowError, match=message):
+            strict([good, row])
+    expected = strict([good])
+    skipping = make_collator(processor, dataset=dataset.select([0]), on_bad_row="skip")
+    with caplog.at_level(logging.WARNING, logger="processing.collator"):
+        batch = skipping([null, good, empty])
+    assert skipping.num_replaced == 2 and "Row null: unreadable image" in caplog.text
+    assert batch["input_ids"].tolist() == expected["input_ids"].tolist() * 3
+    assert torch.equal(batch["pixel_values"], torch.cat([expected["pixel_values"]] * 3))

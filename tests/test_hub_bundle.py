@@ -15,6 +15,7 @@ BUNDLE_FILES = {
     "configuration_llava_uhd.py",
     "modeling_llava_uhd.py",
     "image_processing_llava_uhd.py",
+    "layout_llava_uhd.py",
     "processing_llava_uhd.py",
 }
 

@@ -13,11 +13,12 @@ from PIL import Image
 from tiny import gradient, make_processor, photo, spatial_schema
 
 from modeling_llava_uhd import LlavaUhdImageProcessor, SliceLayout
+from modeling_llava_uhd.image_processing_llava_uhd import NO_PRE_RESIZE
 
 REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "slice_layouts_reference.json").read_text())
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711])
-RAW = LlavaUhdImageProcessor(max_image_size=None)
+RAW = LlavaUhdImageProcessor(max_image_size=NO_PRE_RESIZE)
 PRE = LlavaUhdImageProcessor()  # default: long side pre-resized to 1024, as the reference evaluation does
 SCHEMA = make_processor(num_queries=3)
 
@@ -133,7 +134,7 @@ def _check_crop_size(size: tuple[int, int], width: float, height: float, scale: 
     height=st.one_of(st.integers(1, 3000), st.integers(1, 60000)),
     max_slice_nums=st.integers(1, 12),
     geometry=st.sampled_from([(336, 14), (224, 16), (448, 14)]),
-    max_image_size=st.sampled_from([None, 1024, 700]),
+    max_image_size=st.sampled_from([NO_PRE_RESIZE, 1024, 700]),
 )
 def test_layout_properties(width, height, max_slice_nums, geometry, max_image_size):
     scale, patch = geometry
@@ -141,7 +142,7 @@ def test_layout_properties(width, height, max_slice_nums, geometry, max_image_si
     layout = processor.get_slice_layout(height, width, max_slice_nums)
     check_valid(layout, max_slice_nums, patch)
 
-    image_w, image_h = (width, height) if max_image_size is None else _pre_resized(width, height, max_image_size)
+    image_w, image_h = (width, height) if not max_image_size else _pre_resized(width, height, max_image_size)
     assert layout.image_size == (image_h, image_w)
     multiple = min(math.ceil(image_w * image_h / scale**2), max_slice_nums)
     assert (layout.grid is None) == (multiple <= 1)
@@ -170,11 +171,11 @@ def test_layout_properties(width, height, max_slice_nums, geometry, max_image_si
 # --------------------------------------------------------------------------------------------- extreme sizes
 
 
-@pytest.mark.parametrize("max_image_size", [None, 1024])
+@pytest.mark.parametrize("max_image_size", [NO_PRE_RESIZE, 1024])
 @pytest.mark.parametrize(
     "width, height", [(1, 1), (14, 14), (13, 13), (336, 336), (20000, 20), (20, 20000), (60000, 2), (2, 60000)]
 )
-def test_extreme_sizes_process_end_to_end(width: int, height: int, max_image_size: int | None):
+def test_extreme_sizes_process_end_to_end(width: int, height: int, max_image_size: int):
     processor = make_processor(num_queries=4, max_image_size=max_image_size)
     layout = processor.image_processor.get_slice_layout(height, width)
     check_valid(layout, 7)
@@ -221,10 +222,10 @@ def expected_crops(image: Image.Image, layout: SliceLayout) -> list[torch.Tensor
 
 
 CASES = [  # (image, max_image_size, expected layout): layouts from REFERENCE.md and the reference fixtures
-    (lambda: photo("astronaut", (1088, 672)), None, SliceLayout((672, 1088), (252, 420), (2, 3), (322, 336))),
+    (lambda: photo("astronaut", (1088, 672)), NO_PRE_RESIZE, SliceLayout((672, 1088), (252, 420), (2, 3), (322, 336))),
     (lambda: photo("coffee"), 1024, SliceLayout((682, 1024), (266, 406), (2, 3), (336, 336))),
-    (lambda: photo("chelsea", (300, 200)), None, SliceLayout((200, 300), (266, 406), None, None)),
-    (lambda: gradient(200, 700), None, SliceLayout((700, 200), (616, 168), (3, 1), (350, 308))),
+    (lambda: photo("chelsea", (300, 200)), NO_PRE_RESIZE, SliceLayout((200, 300), (266, 406), None, None)),
+    (lambda: gradient(200, 700), NO_PRE_RESIZE, SliceLayout((700, 200), (616, 168), (3, 1), (350, 308))),
 ]
 
 
@@ -242,7 +243,7 @@ def test_pixel_values_round_trip_to_pil_crops():
             torch.testing.assert_close(crop, reference, atol=1e-6, rtol=0)  # a few float32 ulps of |x| <= 2.2
 
     # A batch is the concatenation of the single images, in order.
-    processor = LlavaUhdImageProcessor(max_image_size=None)
+    processor = LlavaUhdImageProcessor(max_image_size=NO_PRE_RESIZE)
     batch = processor(images[::-1])
     singles = [processor(image) for image in images[::-1]]
     for key in ("pixel_values", "image_grid_hw", "slice_grid"):
@@ -386,7 +387,9 @@ def test_normalisation_keywords_are_honoured():
         ({"max_slice_nums": True}, "`max_slice_nums` must be a positive integer, got True"),
         ({"patch_size": 14.0}, "`patch_size` must be a positive integer, got 14.0"),
         ({"scale_resolution": -336}, "`scale_resolution` must be a positive integer"),
-        ({"max_image_size": 0}, "`max_image_size` must be a positive integer"),
+        ({"max_image_size": -1}, "`max_image_size` must be a positive integer, or 0 for no pre-resize, got -1"),
+        ({"max_image_size": False}, "`max_image_size` must be a positive integer, or 0 .*, got False"),
+        ({"max_image_size": 1024.0}, "`max_image_size` must be a positive integer, or 0 .*, got 1024.0"),
     ],
 )
 def test_bad_settings(kwargs: dict, message: str):
@@ -546,7 +549,7 @@ def test_save_and_load_keep_every_setting(tmp_path: Path):
         max_slice_nums=4,
         scale_resolution=224,
         patch_size=16,
-        max_image_size=None,
+        max_image_size=NO_PRE_RESIZE,
         rescale_factor=1 / 256,
         image_mean=(0.5, 0.25, 0.125),
         image_std=(0.2, 0.3, 0.4),
@@ -554,7 +557,7 @@ def test_save_and_load_keep_every_setting(tmp_path: Path):
     )
     processor.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
-    assert saved["max_image_size"] is None and saved["max_slice_nums"] == 4 and saved["patch_size"] == 16
+    assert saved["max_image_size"] == 0 and saved["max_slice_nums"] == 4 and saved["patch_size"] == 16
     reloaded = LlavaUhdImageProcessor.from_pretrained(tmp_path)
     names = ("max_slice_nums", "scale_resolution", "patch_size", "max_image_size", "rescale_factor")
     for name in (*names, "apply_exif_orientation"):
@@ -564,3 +567,47 @@ def test_save_and_load_keep_every_setting(tmp_path: Path):
     out, again = processor(image), reloaded(image)
     assert out["pixel_values"].shape[1] == 3 * 16 * 16 and out["slice_grid"].prod() <= 4
     assert all(torch.equal(out[key], again[key]) for key in out)
+
+
+def test_no_pre_resize_is_a_value_of_every_call():
+    """`max_image_size=0` turns the pre-resize off per call, as at construction (`None` per call: the processor's own
+    setting), in `get_slice_layout`, the image processor and the processor alike: no second processor is needed."""
+    image = photo("astronaut", (1088, 672))
+    assert PRE.get_slice_layout(672, 1088) != RAW.get_slice_layout(672, 1088)
+    assert PRE.get_slice_layout(672, 1088, max_image_size=NO_PRE_RESIZE) == RAW.get_slice_layout(672, 1088)
+    assert PRE.get_slice_layout(672, 1088, max_image_size=None) == PRE.get_slice_layout(672, 1088)
+    assert RAW.get_slice_layout(672, 1088, max_image_size=1024) == PRE.get_slice_layout(672, 1088)
+    off, raw = PRE(image, max_image_size=NO_PRE_RESIZE), RAW(image)
+    assert all(torch.equal(off[key], raw[key]) for key in raw)
+    pre_resizing, not_resizing = make_processor(num_queries=3), make_processor(num_queries=3, max_image_size=0)
+    ours = pre_resizing(images=image, text="<image>", max_image_size=0, return_tensors="pt")
+    expected = not_resizing(images=image, text="<image>", return_tensors="pt")
+    assert all(torch.equal(ours[key], expected[key]) for key in expected)
+    tokens = pre_resizing._get_num_multimodal_tokens([[672, 1088]], max_image_size=0)["num_image_tokens"]
+    assert tokens == not_resizing._get_num_multimodal_tokens([[672, 1088]])["num_image_tokens"]
+    with pytest.raises(ValueError, match="`max_image_size` must be a positive integer, or 0 for no pre-resize"):
+        PRE(image, max_image_size=-5)
+
+
+def test_none_at_construction_is_the_deprecated_spelling_of_no_pre_resize(tmp_path: Path):
+    """`max_image_size=None` at construction still means no pre-resize, with a FutureWarning, and so does a processor
+    saved with `"max_image_size": null`; saved again, it is written as 0."""
+    image = gradient(700, 300)
+    with pytest.warns(FutureWarning, match=r"`max_image_size=None` for no pre-resize is deprecated"):
+        old = LlavaUhdImageProcessor(max_image_size=None)
+    assert old.max_image_size == NO_PRE_RESIZE
+    assert all(torch.equal(old(image)[key], RAW(image)[key]) for key in RAW(image))
+    processor = make_processor(num_queries=3, max_image_size=NO_PRE_RESIZE)
+    processor.save_pretrained(tmp_path / "saved")
+    files = [path for path in (tmp_path / "saved").glob("*.json") if '"max_image_size": 0' in path.read_text()]
+    assert files
+    for path in files:  # as written before 0 meant "no pre-resize"
+        path.write_text(path.read_text().replace('"max_image_size": 0', '"max_image_size": null'))
+    with pytest.warns(FutureWarning, match="max_image_size"):
+        loaded = type(processor).from_pretrained(tmp_path / "saved")
+    assert loaded.image_processor.max_image_size == NO_PRE_RESIZE
+    ours = loaded(images=image, text="<image>", return_tensors="pt")
+    expected = processor(images=image, text="<image>", return_tensors="pt")
+    assert all(torch.equal(ours[key], expected[key]) for key in expected)
+    loaded.save_pretrained(tmp_path / "again")
+    assert any('"max_image_size": 0' in path.read_text() for path in (tmp_path / "again").glob("*.json"))

@@ -268,12 +268,28 @@ def test_prompt_and_inputs_are_the_authors(vicuna_model, task_configs, task, doc
 
     # Pixels: the image resized as `resize_image_keep_ratio` does (PIL bicubic), then sliced without a pre-resize.
     resized = image.resize(size, Image.Resampling.BICUBIC) if pre_resize else image
-    reference = LlavaUhdImageProcessor(max_image_size=None)(resized, return_tensors="pt")
+    reference = LlavaUhdImageProcessor(max_image_size=0)(resized, return_tensors="pt")
     assert inputs["slice_grid"].tolist() == [[grid[1], grid[0]] if grid else [0, 0]]
     assert torch.equal(inputs["pixel_values"], reference["pixel_values"])
     assert torch.equal(inputs["image_grid_hw"], reference["image_grid_hw"])
     num_beams, max_new_tokens = AUTHORS_DECODING[task_name]
     assert generate == {"do_sample": False, "num_beams": num_beams, "max_new_tokens": max_new_tokens}
+
+
+@pytest.mark.parametrize("max_image_size, expected", [(None, 1024), ("none", 0), ("NONE", 0), (700, 700)])
+def test_max_image_size_reaches_the_one_processor_per_call(max_image_size, expected):
+    """The `max_image_size` model arg (lmms-eval passes `none` as the string) goes to the checkpoint's processor per
+    call, which keeps its own setting (1024, used when the arg is not given); MMBench-style tasks never pre-resize."""
+    model = LlavaUhd(device="cpu", **({} if max_image_size is None else {"max_image_size": max_image_size}))
+    image = photo("astronaut", (1088, 672))
+    model.task_dict = {task: {"test": [{"image": image}]} for task in ("vqav2_test", "mmbench_en_dev")}
+    image_processor = model.processor.image_processor
+    for task, size in (("vqav2_test", expected), ("mmbench_en_dev", 0)):
+        inputs, _, _ = model.build_inputs([request(task, 0, "What is it?", {})])
+        reference = LlavaUhdImageProcessor(max_image_size=size)(image, apply_exif_orientation=False)
+        assert torch.equal(inputs["image_grid_hw"], reference["image_grid_hw"]), task
+        assert torch.equal(inputs["pixel_values"], reference["pixel_values"]), task
+    assert image_processor is model.processor.image_processor and image_processor.max_image_size == 1024
 
 
 def test_authors_decoding_by_task_name():

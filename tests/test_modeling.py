@@ -380,11 +380,28 @@ def test_assisted_generation_equals_greedy(processor):
 
 
 @pytest.mark.parametrize("hidden_size, heads", [(5120, 40), (4096, 32), (256, 2), (128, 1), (64, 1)])
-def test_resampler_heads_default_to_one_per_128_channels(hidden_size, heads):
-    """REFERENCE.md: the resampler has D // 128 heads (40 for Vicuna-13B's 5120); a narrower LLM gets one."""
+def test_spatial_resampler_heads_default_to_one_per_128_llm_channels(hidden_size, heads):
+    """REFERENCE.md, release: the spatial resampler has D // 128 heads, D the LLM width (40 for Vicuna-13B's 5120),
+    whatever the vision tower; a narrower LLM gets one."""
     text = {"model_type": "llama", "hidden_size": hidden_size, "num_attention_heads": 1}
+    vision = {"hidden_size": 256, "num_attention_heads": 1}
     assert LlavaUhdConfig(text_config=text).resampler_num_heads == heads
+    assert LlavaUhdConfig(text_config=text, vision_config=vision).resampler_num_heads == heads
     assert LlavaUhdConfig(text_config=text, resampler_num_heads=1).resampler_num_heads == 1  # an explicit count wins
+
+
+@pytest.mark.parametrize("vision_size, heads", [(1024, 8), (256, 2), (96, 1)])
+def test_perceiver_resampler_heads_default_to_one_per_128_vision_channels(vision_size, heads):
+    """REFERENCE.md, paper: the perceiver resampler's heads are the vision width // 128 (CLIP ViT-L's 1024: 8 heads),
+    not the LLM's (Vicuna-13B: 40); a narrower tower gets one. An explicit count, as every saved config has, wins."""
+    text = {"model_type": "llama", "hidden_size": 5120, "num_attention_heads": 1}
+    vision = {"hidden_size": vision_size, "num_attention_heads": 1}
+    config = LlavaUhdConfig(text_config=text, vision_config=vision, projector_type="resampler")
+    assert config.resampler_num_heads == heads
+    if vision_size == 1024:  # the default vision tower is CLIP ViT-L/14-336
+        assert LlavaUhdConfig(text_config=text, projector_type="resampler").resampler_num_heads == 8
+    saved = LlavaUhdConfig(text_config=text, projector_type="resampler", resampler_num_heads=40).to_dict()
+    assert LlavaUhdConfig(**saved).resampler_num_heads == 40
 
 
 def test_resampler_positions_are_set_at_construction():

@@ -10,10 +10,10 @@ from transformers import AutoProcessor
 
 from modeling_llava_uhd import LlavaUhdImageProcessor, LlavaUhdProcessor
 
-PROCESSOR = make_processor(num_queries=2, max_image_size=None)
+PROCESSOR = make_processor(num_queries=2, max_image_size=0)
 TOKENIZER = PROCESSOR.tokenizer
 I, C, N = PROCESSOR.image_token_id, PROCESSOR.slice_separator_id, PROCESSOR.row_separator_id
-# Images whose slice grid (rows, cols) is known (max_image_size=None): 1008x336 is exactly 3 crops of 336x336, etc.
+# Images whose slice grid (rows, cols) is known (max_image_size=0): 1008x336 is exactly 3 crops of 336x336, etc.
 IMAGES = {
     (0, 0): gradient(300, 200),
     (1, 3): gradient(1008, 336),
@@ -273,7 +273,7 @@ def test_truncation():
     with pytest.raises(ValueError, match=rf"^Sample 0: truncating .* to max_length={schema_end - 1} would cut"):
         PROCESSOR(images=images, text=texts, truncation=True, max_length=schema_end - 1)
 
-    left = make_processor(num_queries=2, max_image_size=None)
+    left = make_processor(num_queries=2, max_image_size=0)
     left.tokenizer.truncation_side = "left"
     start = full[0].index(I)
     out = left(images=images, text=texts, truncation=True, max_length=len(full[0]) - start)
@@ -285,7 +285,7 @@ def test_truncation():
 def test_truncation_without_max_length_is_to_the_tokenizers_model_max_length():
     """As the tokenizer: `truncation=True` (and `padding="max_length"`) without `max_length` means its
     `model_max_length`, and cutting through an image is refused as with an explicit `max_length`."""
-    processor = make_processor(num_queries=2, max_image_size=None)
+    processor = make_processor(num_queries=2, max_image_size=0)
     text = "Describe the image in detail. Count the objects. What number is written on the sign?"
     full = processor(text=text)["input_ids"][0]
     assert full == processor.tokenizer(text)["input_ids"]
@@ -371,7 +371,7 @@ def test_bad_processor_settings(kwargs: dict, message: str):
 def test_save_and_load_keep_schema_and_template(tmp_path: Path):
     template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     processor = LlavaUhdProcessor(
-        LlavaUhdImageProcessor(max_slice_nums=4, max_image_size=None),
+        LlavaUhdImageProcessor(max_slice_nums=4, max_image_size=0),
         make_tokenizer(),
         chat_template=template,
         num_queries=3,
@@ -388,6 +388,6 @@ def test_save_and_load_keep_schema_and_template(tmp_path: Path):
         assert (reloaded.num_queries, reloaded.slice_separator_id, reloaded.row_separator_id) == (3, 100, 101)
         assert reloaded.image_token_id == I and reloaded.chat_template == template
         assert reloaded.apply_chat_template(messages) == "[user] Hi\n"
-        assert reloaded.image_processor.max_slice_nums == 4 and reloaded.image_processor.max_image_size is None
+        assert reloaded.image_processor.max_slice_nums == 4 and reloaded.image_processor.max_image_size == 0
         again = reloaded(**inputs)
         assert all(torch.equal(expected[key], again[key]) for key in expected)

@@ -6,6 +6,7 @@ converter's tokenizer, the processor, the chat template and both training collat
 """
 
 import json
+import logging
 import shutil
 import string
 import subprocess
@@ -25,6 +26,8 @@ from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 from conversion.common import ConversionError
 from conversion.tokenizer import load_original_tokenizer, prepare_tokenizer
 from modeling_llava_uhd import LlavaUhdImageProcessor, LlavaUhdProcessor
+from modeling_llava_uhd import vllm_tokenization
+from modeling_llava_uhd.vllm_tokenization import retokenize
 from processing import convert_llava_row, make_collator, training_chat_template
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -385,6 +388,28 @@ def test_a_prompt_tokenized_as_one_text_is_retokenized_as_the_reference(processo
         whole = processor.tokenizer(case["prompt"])["input_ids"]
         reference = [processor.image_token_id if token == IMAGE_INDEX else token for token in case["input_ids"]]
         differed += whole != reference
-        assert processor.retokenize(whole) == reference, case["prompt"]
+        assert retokenize(processor, whole) == reference, case["prompt"]
     if not legacy(processor):
         assert differed > len(prompts) // 2  # most of them needed it
+
+
+def test_ids_that_cannot_be_read_back_are_kept_with_one_warning(processor, monkeypatch, caplog):
+    """Ids that no text tokenizes to (here "▁h" "ello", where " hello" is "▁hello") are kept as the engine gave them,
+    and the process is told so once, however many prompts have such a piece."""
+    monkeypatch.setattr(vllm_tokenization, "_warned_unreadable", False)
+    odd = [processor.image_token_id, *processor.tokenizer.convert_tokens_to_ids(["▁h", "ello"])]
+    assert processor.tokenizer.decode(odd[1:]) == "hello" and processor.tokenizer.encode("hello")[-1] not in odd
+    prompt = processor.tokenizer("USER:")["input_ids"] + odd
+    with caplog.at_level(logging.WARNING, logger=vllm_tokenization.__name__):
+        assert retokenize(processor, prompt) == prompt
+        assert retokenize(processor, prompt + odd) == prompt + odd
+    warnings = [record for record in caplog.records if record.name == vllm_tokenization.__name__]
+    assert len(warnings) == 1 and "could not be read back" in warnings[0].getMessage()
+
+
+def test_separators_read_from_the_tokenizer_are_the_reference_ids(processor):
+    """The processor's default separators, read from the converted Vicuna tokenizer (either `legacy`), are the ids the
+    reference inserts: 29892 (",") and 13 ("\\n")."""
+    read = LlavaUhdProcessor(LlavaUhdImageProcessor(), processor.tokenizer, num_queries=QUERIES)
+    assert (read.slice_separator_id, read.row_separator_id) == (29892, 13)
+    assert read.schema_ids(1, 2) == processor.schema_ids(1, 2)

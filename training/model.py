@@ -14,12 +14,11 @@ from modeling_llava_uhd import (
     LlavaUhdImageProcessor,
     LlavaUhdProcessor,
 )
+from modeling_llava_uhd.configuration_llava_uhd import PAD_VOCAB_TO
 from modeling_llava_uhd.modeling_llava_uhd import LlavaUhdResampler
 
 # The parts of the model, as named in its parameter names (PEFT's wrappers only add prefixes and suffixes).
 COMPONENTS = ("vision_tower", "resampler", "language_model", "lm_head")
-# New embedding rows (`<image>`, `<pad>`) round the vocabulary up to a multiple of this, as transformers' LLaVA does.
-PAD_VOCAB_TO = 64
 
 
 def build_model(

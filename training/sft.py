@@ -17,6 +17,7 @@ from datasets import Dataset
 from transformers import BitsAndBytesConfig
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
 
+from modeling_llava_uhd.image_processing_llava_uhd import NO_PRE_RESIZE
 from processing import load_llava_dataset, load_messages_dataset, make_collator
 
 from .model import build_model, format_parameter_counts, load_model, parameter_counts, set_trainable
@@ -75,9 +76,9 @@ class LlavaUhdArguments:
     max_slice_nums: int | None = field(
         default=None, metadata={"help": "Most slices per training image; 1 gives the overview only (stage 1)."}
     )
-    max_image_size: int | None = field(
-        default=None,
-        metadata={"help": "Long side training images are resized to before slicing; None (the reference) keeps them."},
+    max_image_size: int = field(
+        default=NO_PRE_RESIZE,
+        metadata={"help": "Long side training images are resized to before slicing; 0 (the reference) keeps them."},
     )
 
 
