@@ -292,6 +292,10 @@ class LlavaUhdPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["LlavaUhdResampler"]
+    # The vision tower and the resampler stay unquantized under a `quantization_config` (transformers' quantizers skip
+    # what this lists, with the patterns of `llm_int8_skip_modules` / `modules_to_not_convert`, and the output
+    # embeddings `lm_head` by themselves); loaded in float16, they are kept in float32.
+    _keep_in_fp32_modules = [r"(model\.)?vision_tower", r"(model\.)?resampler"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import flops, gpu, preprocess, serving, vision
+from benchmarks import flops, gpu, preprocess, quantization, serving, vision
 from benchmarks.common import median_seconds, photos
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,3 +95,10 @@ def test_serving_runs_with_vllm():
     rates = [float(row.split("|")[2]) for row in rows[-3:]]
     assert all(rate > 0 for rate in rates), rows
     assert "torch.set_num_threads(1); VLLM_CPU_OMP_THREADS_BIND=" in result.stdout and "| 1.00x" in result.stdout
+
+
+def test_quantization_weights_table_from_the_shapes():
+    rows = {row["model"].split()[0]: row for row in quantization.main(["weights"])}
+    assert 26.5 < rows["13B"]["bf16"] < 27.5 and 14 < rows["7B"]["bf16"] < 14.5  # the "about 26 GB"
+    for row in rows.values():
+        assert row["w4a16"] < row["bnb-nf4"] < row["w8a8-int8"] == row["torchao-int8"] < row["bnb-int8"] < row["bf16"]

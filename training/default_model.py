@@ -105,12 +105,13 @@ def train_arguments(work: Path, run: str, overrides: list[str] = ()) -> list[str
     return arguments + list(overrides)
 
 
-@torch.inference_mode()
 def predict(
-    model_path: str | Path, count: int, max_slice_nums: int | None = None, batch_size: int = 8
+    model_path: str | Path, count: int, max_slice_nums: int | None = None, batch_size: int = 8, **load_kwargs
 ) -> list[tuple[str, str]]:
-    """`(expected, greedy)` answers of the model at `model_path` for the first `count` images of the test split."""
-    model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True).eval()
+    """`(expected, greedy)` answers of the model at `model_path` for the first `count` images of the test split;
+    `load_kwargs` go to `from_pretrained` (a `quantization_config`, a `dtype`). The model is loaded outside inference
+    mode: its buffers are then ordinary tensors, as they are for a user."""
+    model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True, **load_kwargs).eval()
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True, padding_side="left")
     pairs = []
     for start in range(0, count, batch_size):
@@ -126,7 +127,8 @@ def predict(
             images=[sample.image for sample in samples], text=prompts, padding=True, max_slice_nums=max_slice_nums,
             return_tensors="pt",
         )  # fmt: skip
-        output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        with torch.inference_mode():
+            output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         decoded = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         pairs += [(sample.answer, answer.strip()) for sample, answer in zip(samples, decoded, strict=True)]
     return pairs

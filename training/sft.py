@@ -13,8 +13,6 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
-from accelerate import PartialState
 from datasets import Dataset
 from transformers import BitsAndBytesConfig
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
@@ -23,10 +21,6 @@ from modeling_llava_uhd.image_processing_llava_uhd import NO_PRE_RESIZE
 from processing import load_llava_dataset, load_messages_dataset, make_collator
 
 from .model import build_model, format_parameter_counts, load_model, parameter_counts, set_trainable
-
-# Kept in full precision under QLoRA: the frozen ViT (small), the trained resampler (its attention reads the packed
-# `in_proj_weight` directly, which bitsandbytes cannot quantise) and the LM head.
-NOT_QUANTIZED = ["vision_tower", "resampler", "lm_head"]
 
 
 @dataclass
@@ -102,17 +96,15 @@ def load_training_dataset(args: LlavaUhdArguments) -> Dataset:
 
 
 def quantization_config(model_args: ModelConfig) -> BitsAndBytesConfig | None:
-    """bitsandbytes settings for QLoRA (`load_in_4bit`) or 8-bit LoRA, or `None`."""
+    """bitsandbytes settings for QLoRA (`load_in_4bit`) or 8-bit LoRA, or `None`. The model keeps its vision tower,
+    resampler and LM head unquantized by itself (`LlavaUhdPreTrainedModel._keep_in_fp32_modules`)."""
     config = get_quantization_config(model_args)
-    if config is None:
-        return None
-    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+    if config is not None and importlib.util.find_spec("bitsandbytes") is None:
         raise RuntimeError(
-            "QLoRA (`load_in_4bit` / `load_in_8bit`) quantizes the LLM with bitsandbytes, which needs a CUDA GPU and "
-            "`pip install bitsandbytes`. Without them, train LoRA on the unquantized model: "
-            "`--config training/configs/stage2_lora.yaml`."
+            "QLoRA (`load_in_4bit` / `load_in_8bit`) quantizes the LLM with bitsandbytes, which is not installed: "
+            '`pip install "llava-uhd[quant]"` (bitsandbytes >= 0.46.1 trains on CPU and CUDA). Without it, train LoRA '
+            "on the unquantized model: `--config training/configs/stage2_lora.yaml`."
         )
-    config.llm_int8_skip_modules = NOT_QUANTIZED
     return config
 
 
@@ -132,7 +124,7 @@ def build_trainer(args: LlavaUhdArguments, training_args: SFTConfig, model_args:
         if quantization is not None:
             load_kwargs |= {
                 "quantization_config": quantization,
-                "device_map": {"": PartialState().local_process_index},
+                "device_map": {"": training_args.device},
             }
         model, processor = load_model(model_args.model_name_or_path, **load_kwargs)
     else:
