@@ -2,7 +2,12 @@
 
 import argparse
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class ConversionError(ValueError):
@@ -31,3 +36,23 @@ def one_line(error: Exception) -> str:
     """An error as one line: its message, led by its type unless it is one of ours."""
     text = str(error) if isinstance(error, ConversionError) else f"{type(error).__name__}: {error}"
     return " ".join(text.split())
+
+
+def reported(failure: str, action: Callable[[], T], debug: bool = False) -> T | None:
+    """`action()`; if it fails, `None` once `{failure}: {the error}` is printed on one line of stderr (with `debug`,
+    the error is raised instead, traceback and all)."""
+    try:
+        return action()
+    except Exception as error:
+        if debug:
+            raise
+        print(f"{failure}: {one_line(error)}", file=sys.stderr)
+        return None
+
+
+def print_summary(title: str, summary: dict) -> None:
+    """A command's result: `title`, then one indented line per entry (lists joined with commas)."""
+    print(title)
+    width = max(map(len, summary)) + 1
+    for key, value in summary.items():
+        print(f"  {key:{width}s} {', '.join(value) if isinstance(value, list) else value}")

@@ -18,7 +18,6 @@ import json
 import math
 import re
 import shutil
-import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,7 +40,7 @@ from modeling_llava_uhd import (
 )
 from modeling_llava_uhd.configuration_llava_uhd import PAD_VOCAB_TO
 
-from .common import ConversionError, OneLineParser, one_line, read_json
+from .common import ConversionError, OneLineParser, print_summary, read_json, reported
 from .model_card import write_model_card
 from .output import (
     check_output,
@@ -491,40 +490,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def run() -> dict:
         if args.push_to_hub:
             check_push_target(args.push_to_hub)
-        summary = convert(
-            args.original,
-            args.vision_tower,
-            args.output,
-            dtype=args.dtype,
-            text_model=args.text_model,
-            slice_separator_id=args.slice_separator_id,
-            row_separator_id=args.row_separator_id,
-            resampler_num_heads=args.resampler_num_heads,
-            pad_vocab_to=args.pad_vocab_to,
-            max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite,
-        )
-    except Exception as error:
-        if args.debug:
-            raise
-        print(f"conversion failed: {one_line(error)}", file=sys.stderr)
+        options = {name: getattr(args, name) for name in convert.__kwdefaults__}  # the flags name the keywords
+        return convert(args.original, args.vision_tower, args.output, **options)
+
+    summary = reported("conversion failed", run, args.debug)
+    if summary is None:
         return 1
-    print("Converted LLaVA-UHD checkpoint")
-    for key, value in summary.items():
-        print(f"  {key:15s} {value if not isinstance(value, list) else ', '.join(value)}")
+    print_summary("Converted LLaVA-UHD checkpoint", summary)
     if args.push_to_hub:
         from .publish import publish
 
-        try:
-            print(publish(args.output, args.push_to_hub, public=args.public))
-        except Exception as error:
-            if args.debug:
-                raise
-            print(f"publish failed (the conversion in {args.output} is complete): {one_line(error)}", file=sys.stderr)
+        what = f"publish failed (the conversion in {args.output} is complete)"
+        report = reported(what, lambda: publish(args.output, args.push_to_hub, public=args.public), args.debug)
+        if report is None:
             return 1
+        print(report)
     return 0
 
 

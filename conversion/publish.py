@@ -8,12 +8,11 @@ unless `--public`; an existing repo keeps its visibility. The token comes from t
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 from huggingface_hub.utils import validate_repo_id
 
-from .common import OneLineParser, one_line
+from .common import OneLineParser, reported
 from .output import converted_files
 
 
@@ -45,13 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="check the folder and list what would be uploaded")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     args = parser.parse_args(argv)
-    try:
-        print(publish(args.folder, args.repo_id, public=args.public, dry_run=args.dry_run))
-    except Exception as error:
-        if args.debug:
-            raise
-        print(f"publish failed: {one_line(error)}", file=sys.stderr)
+    report = reported("publish failed", lambda: publish(args.folder, args.repo_id, public=args.public, dry_run=args.dry_run),
+                      args.debug)  # fmt: skip
+    if report is None:
         return 1
+    print(report)
     return 0
 
 

@@ -17,7 +17,6 @@ with `--overwrite`, and a folder holding anything else, or that is the source, i
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +24,7 @@ import torch
 
 from modeling_llava_uhd import LlavaUhdConfig, LlavaUhdForConditionalGeneration
 
-from .common import ConversionError, OneLineParser, one_line, read_json
+from .common import ConversionError, OneLineParser, one_line, print_summary, read_json, reported
 from .convert_llava_uhd import ShardWriter, iter_tensors, weight_files
 from .output import (
     MANIFEST,
@@ -238,23 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        summary = quantize(
-            args.folder,
-            args.scheme,
-            args.output,
-            overwrite=args.overwrite,
-            device=args.device,
-            max_shard_size=args.max_shard_size,
-        )
-    except Exception as error:
-        if args.debug:
-            raise
-        print(f"quantization failed: {one_line(error)}", file=sys.stderr)
+    options = {name: getattr(args, name) for name in quantize.__kwdefaults__}  # the flags name the keywords
+    summary = reported("quantization failed", lambda: quantize(args.folder, args.scheme, args.output, **options), args.debug)
+    if summary is None:
         return 1
-    print(f"Quantized LLaVA-UHD checkpoint in {args.output}")
-    for key, value in summary.items():
-        print(f"  {key:10s} {value if not isinstance(value, list) else ', '.join(value)}")
+    print_summary(f"Quantized LLaVA-UHD checkpoint in {args.output}", summary)
     return 0
 
 

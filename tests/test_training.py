@@ -128,24 +128,19 @@ def test_stage2_from_stage1_learns_with_the_vit_frozen(tmp_path, data, stage1):
     assert not torch.equal(start["lm_head.weight"], end["lm_head.weight"])
 
 
+def lora_from(stage1, steps: int) -> list[str]:
+    """The arguments of a short LoRA run (small rank, high learning rate) on stage 1's output."""
+    return ["--model_name_or_path", str(stage1.output_dir), "--max_steps", str(steps), "--gradient_accumulation_steps",
+            "1", "--lora_r", "8", "--lora_alpha", "16", "--learning_rate", "1e-3"]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_lora_adapter_reloads_and_merges_to_the_same_logits(tmp_path, data, stage1):
     trainer, printed = run(
         "stage2_lora.yaml",
         tmp_path,
         *data,
-        "--model_name_or_path",
-        str(stage1.output_dir),
-        "--max_steps",
-        "8",
-        "--gradient_accumulation_steps",
-        "1",
-        "--lora_r",
-        "8",
-        "--lora_alpha",
-        "16",
-        "--learning_rate",
-        "1e-3",
+        *lora_from(stage1, steps=8),
     )
     counts = printed_counts(printed)
     assert counts["vision_tower"][0] == counts["lm_head"][0] == 0
@@ -200,18 +195,7 @@ def test_qlora_trains_on_cpu_and_the_adapter_reloads(tmp_path, data, stage1):
         "stage2_qlora.yaml",
         tmp_path,
         *data,
-        "--model_name_or_path",
-        str(stage1.output_dir),
-        "--max_steps",
-        "12",
-        "--gradient_accumulation_steps",
-        "1",
-        "--lora_r",
-        "8",
-        "--lora_alpha",
-        "16",
-        "--learning_rate",
-        "1e-3",
+        *lora_from(stage1, steps=12),
         "--dtype",
         "bfloat16",  # the recipe's: TRL casts QLoRA's trainable parameters (LoRA, the resampler) to bfloat16
     )
