@@ -285,6 +285,16 @@ def check_loadable(model: str, local_files_only: bool) -> None:
         )
 
 
+def check_source(model: str, trust_remote_code: bool) -> bool:
+    """Check `--model` (a folder, or a Hub repo id) before anything loads: refused at once if it is neither, if the
+    Hub does not answer and the cache lacks it, or if only its own code could load it without `trust_remote_code`.
+    Returns whether it must load from the local cache alone (`local_files_only`)."""
+    local_files_only = is_hub_id(model) and hub_unreachable(model)
+    if not trust_remote_code:
+        check_loadable(model, local_files_only)
+    return local_files_only
+
+
 def load_processor(model: str, trust_remote_code: bool, local_files_only: bool):
     if trust_remote_code:  # the code its auto_map names runs, as in transformers
         from transformers import AutoProcessor
@@ -346,9 +356,7 @@ def chat(args: argparse.Namespace) -> None:
         path = str(default_model_path())
     else:
         path = args.model
-    local_files_only = is_hub_id(path) and hub_unreachable(path)
-    if not args.trust_remote_code:
-        check_loadable(path, local_files_only)
+    local_files_only = check_source(path, args.trust_remote_code)
     if not args.debug and not sys.stderr.isatty():  # no progress bars where a script reads stderr
         from transformers.utils import logging
 

@@ -20,7 +20,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from .cli import (
     CliError,
     check_device,
-    check_loadable,
+    check_source,
     draw_slices,
     image_token_cost,
     load_model,
@@ -334,10 +334,10 @@ def launch(
         from .default_model import default_model_path
 
         model = str(default_model_path())
-    if not trust_remote_code:
-        check_loadable(model)
-    processor = load_processor(model, trust_remote_code)
-    loaded = load_model(model, trust_remote_code, getattr(torch, dtype) if dtype != "auto" else "auto")
+    local_files_only = check_source(model, trust_remote_code)
+    processor = load_processor(model, trust_remote_code, local_files_only)
+    torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
+    loaded = load_model(model, trust_remote_code, torch_dtype, local_files_only)
     app = build_app(loaded.to(torch_device).eval(), processor, bundled_examples() if examples is None else examples)
     app.launch(server_name=host, server_port=port, **launch_kwargs)
 
