@@ -1,12 +1,18 @@
-"""The real-width tier's steps as session fixtures (tests/realwidth.py), shared by its transformers and vLLM tests:
-each runs once, in a process of its own, after the one it needs, so their memory never adds up."""
+"""One compute thread per pytest-xdist worker; and the real-width tier's steps as session fixtures (tests/realwidth.py),
+shared by its transformers and vLLM tests: each runs once, in a process of its own, after the one it needs, so their
+memory never adds up."""
 
 import os
 import sys
 
-import pytest
-from realwidth import IMAGE_SIZE, OUTPUT_SHARD_GIB, ROOT, SCRIPT, convert_measured, run_measured
-from tiny import photo
+# Two pytest-xdist workers on two cores (README's `-n 2`): each worker, and each process a test starts, computes on one
+# thread, so the workers do not oversubscribe the cores. Set before torch is imported.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+from realwidth import IMAGE_SIZE, OUTPUT_SHARD_GIB, ROOT, SCRIPT, convert_measured, run_measured  # noqa: E402
+from tiny import photo  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,7 @@ def test_vision_runs_and_agrees():
     assert max(row["difference"] for row in rows.values()) < 1e-5, rows
 
 
+@pytest.mark.slow  # four full-size models traced on the meta device: about 10 s
 def test_flops_table_counts():
     rows = {row["name"].split(" (")[0]: row for row in flops.main(["--llm", "7b"])}
     tokens = {name: row["tokens"] for name, row in rows.items()}

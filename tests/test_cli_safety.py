@@ -104,6 +104,7 @@ def test_a_llava_uhd_folder_loads_with_the_installed_classes_not_its_own_files(t
     assert not (tmp_path / "hf-modules").exists()
 
 
+@pytest.mark.slow  # its own Python processes: several seconds each
 def test_a_decompression_bomb_fails_in_one_line_in_a_real_process(tmp_path):
     """1 bad input through the real entry point: an image over Pillow's limit, where Pillow only warns (a real
     process prints warnings; pytest would catch them), ends in one line and exit 1. The in-process cases below
@@ -296,6 +297,7 @@ def hub_cache(home: Path, repo: str) -> None:
     (cache / "refs" / "main").write_text(commit)
 
 
+@pytest.mark.slow  # its own Python processes: several seconds each
 def test_a_hub_model_fails_fast_in_one_line_when_the_hub_cannot_be_reached(tmp_path):
     """3 bad inputs, the Hub at a closed port (issue 21, defect 16: 12 retry lines over ~30 s): `--model org/name`
     with and without `--trust-remote-code`, and with `HF_HUB_OFFLINE=1`, each one line within 10 s; a model in the
@@ -326,6 +328,7 @@ def test_a_hub_model_fails_fast_in_one_line_when_the_hub_cannot_be_reached(tmp_p
     assert answered.stdout.splitlines()[0] == sample.answer
 
 
+@pytest.mark.slow  # its own Python processes: several seconds each
 def test_a_chat_template_that_never_finishes_is_stopped_in_one_line(tmp_path):
     """1 bad input (issue 21, defect 17: `chat` hung): a model folder whose chat template nests two 100,000-step
     loops (10^10 steps; Jinja's sandbox bounds each `range` only) is stopped after `TEMPLATE_SECONDS` (1 s here), in

@@ -271,6 +271,7 @@ def test_publish_dry_run_lists_files(tmp_path, capsys):
     assert "not a finished conversion" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # its own Python process (the real-width tier runs the converter this way too)
 def test_cli_entry_point_prints_summary(tmp_path):
     """`--dtype bfloat16`: the shards hold bfloat16 tensors, the original's values rounded (`from_pretrained` would
     cast float32 shards on load and hide an uncast file)."""

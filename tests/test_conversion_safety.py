@@ -263,6 +263,7 @@ def test_without_folder_locks_process_ids_decide(source, tmp_path, monkeypatch):
     assert contents(out) == before and hidden_siblings(out) == [alive.name]
 
 
+@pytest.mark.slow  # its own Python processes: several seconds each
 def test_conversion_killed_as_process_1_is_tidied(source, tmp_path):
     """The converter as process 1 of its PID namespace (as in a container), killed between moving the earlier
     conversion aside and moving the new one in: the next run (where a process 1 runs too) puts the earlier one back and
@@ -434,6 +435,7 @@ def test_cli_failures_are_one_line(source, tmp_path, monkeypatch, capfd):
     assert err.count("\n") == 1 and "argument --pad-vocab-to: invalid int value: 'sixty-four'" in err
 
 
+@pytest.mark.slow  # its own Python processes: several seconds each
 def test_cli_error_is_one_line_on_stderr(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "conversion.convert_llava_uhd", "--original", "./typo", "--vision-tower", "clip",
@@ -556,6 +558,7 @@ def test_a_mount_point_as_output_is_staged_inside_it(source, tmp_path, volume, m
     assert os.path.ismount(volume) or volume.stat().st_dev == tmp_path.stat().st_dev  # still mounted
 
 
+@pytest.mark.slow  # its own Python processes: several seconds each
 def test_a_move_into_a_mount_point_killed_halfway_is_completed(source, tmp_path, volume):
     """SIGKILL while an --overwrite conversion moves its files into a mount point one by one: the folder is no
     finished conversion then, and the next run completes the move."""

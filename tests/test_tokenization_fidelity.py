@@ -53,17 +53,20 @@ def vicuna_folder(tmp_path: Path, legacy: bool) -> Path:
     return vicuna_variant(tmp_path / f"vicuna-legacy-{legacy}", legacy=legacy)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["legacy=False", "legacy=True"])
-def processor(request, tmp_path_factory) -> LlavaUhdProcessor:
-    """The processor of a converted checkpoint whose original tokenizer has this `legacy` setting."""
-    tokenizer = prepare_tokenizer(vicuna_folder(tmp_path_factory.mktemp("tokenizer"), request.param))
+def build_processor(legacy_setting: bool, folder: Path) -> LlavaUhdProcessor:
+    """The processor of a converted checkpoint whose original tokenizer (written in `folder`) has this `legacy`."""
     return LlavaUhdProcessor(
         image_processor=LlavaUhdImageProcessor(max_slice_nums=1),
-        tokenizer=tokenizer,
+        tokenizer=prepare_tokenizer(vicuna_folder(folder, legacy_setting)),
         num_queries=QUERIES,
         slice_separator_id=29892,
         row_separator_id=13,
     )
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["legacy=False", "legacy=True"])
+def processor(request, tmp_path_factory) -> LlavaUhdProcessor:
+    return build_processor(request.param, tmp_path_factory.mktemp("tokenizer"))
 
 
 def legacy(processor: LlavaUhdProcessor) -> bool:
@@ -350,33 +353,39 @@ sys.modules["modeling_llava_uhd"] = None  # only the bundle's own code may run
 from PIL import Image
 from transformers import AutoProcessor
 
-folder, cases_path = sys.argv[1], sys.argv[2]
-processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
 image = Image.new("RGB", (40, 30))
 out = []
-for case in json.loads(open(cases_path).read()):
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": case["question"]}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    out.append(processor(text=prompt, images=image, max_slice_nums=1)["input_ids"][0])
+for folder in sys.argv[1:]:  # each holds a saved processor and cases.json
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    for case in json.loads(open(folder + "/cases.json").read()):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": case["question"]}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        out.append(processor(text=prompt, images=image, max_slice_nums=1)["input_ids"][0])
 print(json.dumps(out))
 """
 
 
-def test_hub_bundle_processor_builds_the_authors_ids(processor, tmp_path):
-    """The saved folder's remote code, without this package, tokenizes as the reference too."""
-    processor.save_pretrained(tmp_path)
-    inference = cases(processor, "inference")
-    (tmp_path / "cases.json").write_text(json.dumps(inference))
+def test_hub_bundle_processor_builds_the_authors_ids(tmp_path):
+    """The saved folder's remote code, without this package, tokenizes as the reference too (both `legacy`
+    settings, in one process)."""
+    folders, expected = [], []
+    for setting in (False, True):
+        processor = build_processor(setting, tmp_path)
+        folder = tmp_path / f"bundle-{setting}"
+        processor.save_pretrained(folder)
+        inference = cases(processor, "inference")
+        (folder / "cases.json").write_text(json.dumps(inference))
+        folders.append(str(folder))
+        expected += [expected_ids(case, processor.image_token_id) for case in inference]
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(REMOTE_SCRIPT), str(tmp_path), str(tmp_path / "cases.json")],
+        [sys.executable, "-c", textwrap.dedent(REMOTE_SCRIPT), *folders],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    got = json.loads(result.stdout.strip().splitlines()[-1])
-    assert got == [expected_ids(case, processor.image_token_id) for case in inference]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
 
 
 def test_a_prompt_tokenized_as_one_text_is_retokenized_as_the_reference(processor):

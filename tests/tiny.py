@@ -90,8 +90,9 @@ def photo(name: str = "astronaut", size: tuple[int, int] | None = None) -> Image
 
 def gradient(width: int, height: int, seed: int = 0) -> Image.Image:
     """A generated RGB image with structure at every scale (smooth gradient plus noise)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 255 / max(width, 1), y * 255 / max(height, 1), (x + y) % 256], axis=-1)
-    noise = rng.integers(0, 40, size=(height, width, 3))
-    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+    noise = np.random.default_rng(seed).integers(0, 40, size=(height, width, 3), dtype=np.uint8)
+    x, y = np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32)[:, None]  # small temporaries
+    image = np.empty((height, width, 3), np.uint8)
+    for channel, base in enumerate((x * 255 / max(width, 1), y * 255 / max(height, 1), (x + y) % 256)):
+        image[..., channel] = np.minimum(base + noise[..., channel], 255)
+    return Image.fromarray(image)
