@@ -121,12 +121,17 @@ def weights_table() -> list[dict]:
     return rows
 
 
-def load(folder: Path, scheme: str, dtype: torch.dtype, checkpoints: dict[str, Path]):
-    """The model of `folder` under `scheme` (a compressed-tensors scheme: its quantized folder) in `dtype`."""
+def loading(folder: Path, scheme: str, dtype: torch.dtype, checkpoints: dict[str, Path]) -> tuple[Path, dict]:
+    """What to load for `scheme`: the folder (a compressed-tensors scheme: its quantized folder) and the keywords
+    besides it (a transformers scheme: its `quantization_config` for `dtype`)."""
     if scheme in checkpoints:
-        folder, kwargs = checkpoints[scheme], {}
-    else:
-        kwargs = {} if scheme == "none" else {"quantization_config": QUANTIZATION_CONFIGS[scheme](dtype)}
+        return checkpoints[scheme], {}
+    return folder, {} if scheme == "none" else {"quantization_config": QUANTIZATION_CONFIGS[scheme](dtype)}
+
+
+def load(folder: Path, scheme: str, dtype: torch.dtype, checkpoints: dict[str, Path]):
+    """The model of `folder` under `scheme` in `dtype` (see `loading`)."""
+    folder, kwargs = loading(folder, scheme, dtype, checkpoints)
     return AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, **kwargs).eval()
 
 
@@ -151,13 +156,8 @@ def detail(images: int, device: str) -> list[dict]:
         checkpoints = quantized_checkpoints(folder, Path(work))
         for scheme in schemes(device):
             start = time.perf_counter()
-            if scheme in checkpoints:
-                pairs = predict(checkpoints[scheme], images)
-            else:
-                kwargs = (
-                    {} if scheme == "none" else {"quantization_config": QUANTIZATION_CONFIGS[scheme](torch.float32)}
-                )
-                pairs = predict(folder, images, **kwargs)
+            source, kwargs = loading(folder, scheme, torch.float32, checkpoints)
+            pairs = predict(source, images, **kwargs)
             answers = [answer for _, answer in pairs]
             anchor = anchor or answers
             rows.append({
