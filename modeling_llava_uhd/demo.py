@@ -89,18 +89,17 @@ def _label_slices(canvas: Image.Image, layout) -> None:
 
 def slicing(processor, image: Image.Image, max_slice_nums: int) -> tuple[Image.Image, Image.Image, str, dict]:
     """The slice grid drawn over `image`, its overview crop, a summary for people and the figures: the processor's
-    `SliceLayout` (sizes as height, width), crops, image tokens and separators, their total (the processor's
-    `_get_num_multimodal_tokens`) and LLaVA-1.5's count for comparison."""
+    `SliceLayout` (sizes as height, width), crops, image tokens and separators, their total (what the processor
+    inserts) and LLaVA-1.5's count for comparison."""
     if processor.image_processor.apply_exif_orientation:  # the processor slices the upright photo
         image = ImageOps.exif_transpose(image)
     layout = processor.image_processor.get_slice_layout(image.height, image.width, max_slice_nums)
     image_tokens, separators = image_token_cost(layout, processor.num_queries)
-    total = processor._get_num_multimodal_tokens([[image.height, image.width]], max_slice_nums=max_slice_nums)
     figures = dataclasses.asdict(layout) | {
         "crops": layout.num_crops,
         "image_tokens": image_tokens,
         "separators": separators,
-        "tokens": total["num_image_tokens"][0],
+        "tokens": image_tokens + separators,
         "llava_1_5_tokens": LLAVA_15_TOKENS,
     }
     overlay = draw_slices(image, layout)

@@ -6,7 +6,7 @@ from transformers.processing_utils import MultiModalData, ProcessingKwargs, Proc
 from transformers.tokenization_utils_base import LARGE_INTEGER
 
 from .image_processing_llava_uhd import LlavaUhdImageProcessorKwargs, _check_positive_int
-from .layout_llava_uhd import schema_ids
+from .layout_llava_uhd import schema_ids, schema_token_counts
 
 # Vicuna v1 (LLaVA-1.5) conversation format. It starts with the BOS, as the reference's samples do (the processor adds
 # it once, so TRL's `add_special_tokens=False` and a plain processor call agree). `<image>` is followed by "\n" unless
@@ -205,7 +205,7 @@ class LlavaUhdProcessor(ProcessorMixin):
             )
             for height, width in image_sizes
         ]
-        tokens = [len(self.schema_ids(*(layout.grid or (0, 0)))) for layout in layouts]
+        tokens = [sum(schema_token_counts(*(layout.grid or (0, 0)), self.num_queries)) for layout in layouts]
         return MultiModalData(num_image_tokens=tokens, num_image_patches=[layout.num_crops for layout in layouts])
 
     def _tokenize(
