@@ -75,14 +75,14 @@ def quantize_weight(weight: torch.Tensor, scheme: "QuantizationScheme", storage:
     from compressed_tensors.quantization.utils import calculate_qparams
 
     args = scheme.weights
-    values = weight.float()
+    full = values = weight.float()  # one float32 copy, for the scales and the rounding
     if args.strategy == QuantizationStrategy.GROUP:  # [out, in / group, group] -> scales [out, in / group]
-        values, keepdim = values.unflatten(-1, (-1, args.group_size)), False
+        values, keepdim = full.unflatten(-1, (-1, args.group_size)), False
     else:  # one scale per output channel, [out, 1]
         keepdim = True
     scale, zero_point = calculate_qparams(values.amin(-1, keepdim=keepdim), values.amax(-1, keepdim=keepdim), args)
     scale = scale.to(weight.dtype)
-    state = {"weight": weight.float(), "weight_scale": scale.float(), "weight_zero_point": zero_point}
+    state = {"weight": full, "weight_scale": scale.float(), "weight_zero_point": zero_point}
     compressed = BaseCompressor.get_value_from_registry(storage).compress(state, scheme)
     if "weight_scale" in compressed:
         compressed["weight_scale"] = scale
